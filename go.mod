@@ -1,0 +1,3 @@
+module github.com/fieldpatch/fieldpatch
+
+go 1.26
