@@ -70,6 +70,11 @@ func ValidHWClass(s string) error {
 // Build writes a signed image to w. The payload is read from payload and
 // must be exactly size bytes; it is streamed, never held in memory.
 // It returns the image as Read would see it.
+//
+// Every option is checked before the first byte is written. A payload that
+// turns out shorter or longer than size is found only while streaming, so on
+// error w may hold part of an image: write to a temporary file and rename it
+// into place on success.
 func Build(ctx context.Context, w io.Writer, payload io.Reader, size int64, o BuildOptions) (*Image, error) {
 	hdrSize := o.HeaderSize
 	if hdrSize == 0 {
@@ -158,6 +163,25 @@ func Build(ctx context.Context, w io.Writer, payload io.Reader, size int64, o Bu
 			}
 		}
 		signers[i] = signer{s, typ, kh}
+	}
+
+	if o.Pad != nil {
+		p, err := o.Pad.normalized()
+		if err != nil {
+			return nil, err
+		}
+		// The unprotected area's largest size: SHA256, then a key hash and
+		// the longest signature per key.
+		maxUnprot := int64(tlvInfoLen + tlvHeaderLen + sha256Len)
+		for _, s := range signers {
+			maxUnprot += 2*tlvHeaderLen + sha256Len + ed25519SigLen
+			if s.typ == TLVECDSASig {
+				maxUnprot += ecdsaMaxSigLen - ed25519SigLen
+			}
+		}
+		if need := signedLen + maxUnprot + int64(trailerSize(p.Align, p.MaxAlign)); need > p.SlotSize {
+			return nil, fmt.Errorf("pad: image of up to %d bytes and trailer of %d do not fit a %d-byte slot", signedLen+maxUnprot, trailerSize(p.Align, p.MaxAlign), p.SlotSize)
+		}
 	}
 
 	h := Header{

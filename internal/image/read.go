@@ -38,11 +38,11 @@ type Image struct {
 	Protected   []TLV
 	Unprotected []TLV
 
-	SignedLen int64            // bytes covered by the signature: header, payload, protected TLVs
-	Len       int64            // bytes of the image proper: SignedLen plus the unprotected area
-	Digest    [sha256Len]byte  // computed SHA-256 of the signed region
-	StatedSHA []byte           // the SHA256 TLV's value
-	Trailer   *Trailer         // nil when nothing follows the TLVs (or TrailerIgnore)
+	SignedLen int64           // bytes covered by the signature: header, payload, protected TLVs
+	Len       int64           // bytes of the image proper: SignedLen plus the unprotected area
+	Digest    [sha256Len]byte // computed SHA-256 of the signed region
+	StatedSHA []byte          // the SHA256 TLV's value
+	Trailer   *Trailer        // nil when nothing follows the TLVs (or TrailerIgnore)
 
 	HasSecurityCounter bool
 	SecurityCounter    uint32

@@ -133,6 +133,9 @@ func readTrailer(ctx context.Context, r io.Reader, base int64) (*Trailer, error)
 		if k > 0 {
 			if n == 0 {
 				erased = buf[0]
+				if k >= 3 && buf[0] != buf[1] && buf[1] == buf[2] {
+					return nil, fail(RegionTrailer, base, ErrTrailingBytes, "byte 0x%02x where the erased fill that follows is 0x%02x", buf[0], buf[1])
+				}
 				if erased != 0xff && erased != 0x00 {
 					return nil, fail(RegionTrailer, base, ErrTrailingBytes, "byte 0x%02x after the image: neither erased flash (0xff or 0x00) nor an MCUboot trailer", erased)
 				}
