@@ -279,7 +279,7 @@ const copyBufSize = 256 << 10
 
 // copyPayload copies exactly n bytes (or until EOF), checking ctx between reads.
 func copyPayload(ctx context.Context, dst io.Writer, src io.Reader, n int64, progress func(done, total int64)) (int64, error) {
-	buf := make([]byte, copyBufSize)
+	buf := make([]byte, min(n, copyBufSize))
 	var done int64
 	for done < n {
 		if err := ctx.Err(); err != nil {

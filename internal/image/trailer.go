@@ -24,11 +24,11 @@ const (
 
 // Trailer describes erased fill and an MCUboot image trailer after the TLVs.
 type Trailer struct {
-	Len         int64 // bytes after the TLVs: fill and trailer
-	SlotSize    int64 // image and trailer together: the slot the image was padded to
-	ErasedValue byte  // 0xff or 0x00
-	MaxAlign    int   // 8, 16 or 32, told by the magic
-	ImageOK     bool  // image_ok set (imgtool --confirm)
+	Len         int64 `json:"len"`          // bytes after the TLVs: fill and trailer
+	SlotSize    int64 `json:"slot_size"`    // image and trailer together: the slot the image was padded to
+	ErasedValue byte  `json:"erased_value"` // 0xff or 0x00
+	MaxAlign    int   `json:"max_align"`    // 8, 16 or 32, told by the magic
+	ImageOK     bool  `json:"image_ok"`     // image_ok set (imgtool --confirm)
 }
 
 func bootMagic(maxAlign int) [16]byte {
@@ -121,7 +121,7 @@ func writeTrailer(w io.Writer, imageLen int64, p PadOptions) error {
 // readTrailer reads whatever follows the TLVs and accepts nothing, or
 // exactly what imgtool --pad [--confirm] writes.
 func readTrailer(ctx context.Context, r io.Reader, base int64) (*Trailer, error) {
-	buf := make([]byte, copyBufSize)
+	buf := make([]byte, 32<<10)
 	var tail []byte // the last bytes seen, at most trailerTailKeep after each read
 	var n int64
 	var erased byte

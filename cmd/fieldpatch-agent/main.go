@@ -1,0 +1,128 @@
+// Command fieldpatch-agent is the device daemon. In this version it checks
+// images the way a device does before it installs or boots one: against the
+// public keys the device trusts, reading a slot up to the end of its image.
+package main
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/image"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
+)
+
+var version = "dev"
+
+func usage(w io.Writer) {
+	fmt.Fprintf(w, `fieldpatch-agent: the fieldpatch device agent
+
+Usage: fieldpatch-agent COMMAND [flags] [args]
+
+Commands:
+  verify     check an image file or a slot against the device's trusted keys
+  version    print the version
+
+%s
+`, cli.ExitCodeHelp)
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stderr)
+		return cli.ExitUsage
+	}
+	var err error
+	switch args[0] {
+	case "help", "-h", "--help":
+		usage(stdout)
+		return cli.ExitOK
+	case "version":
+		fmt.Fprintln(stdout, "fieldpatch-agent", version)
+		return cli.ExitOK
+	case "verify":
+		err = runVerify(ctx, args[1:], stdout)
+	default:
+		fmt.Fprintf(stderr, "fieldpatch-agent: unknown command %q\n\n", args[0])
+		usage(stderr)
+		return cli.ExitUsage
+	}
+	if err != nil && !errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(stderr, "fieldpatch-agent %s: %v\n", args[0], err)
+	}
+	return cli.Code(err)
+}
+
+func runVerify(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, `Usage: fieldpatch-agent verify --key PUB [--key PUB2] [--slot] [--json] FILE
+
+Checks an image as the device does: structure, SHA-256 of the signed region,
+and a signature by one of the trusted keys. With --slot, FILE is a slot (a
+partition or its image file): reading stops at the end of the image and
+whatever follows it in the slot is ignored.
+
+Flags:
+`)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		fmt.Fprintf(stdout, "\n%s\n", cli.ExitCodeHelp)
+	}
+	var keys cli.Strings
+	fs.Var(&keys, "key", "trusted public key (PEM); repeat to trust several")
+	slot := fs.Bool("slot", false, "FILE is a slot: ignore what follows the image")
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := cli.Parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return cli.Usagef("want one image file or slot, got %d arguments", len(pos))
+	}
+	if len(keys) == 0 {
+		return cli.Usagef("--key PUB is required")
+	}
+	var pubs []crypto.PublicKey
+	for _, k := range keys {
+		p, err := trust.LoadPublicKey(k)
+		if err != nil {
+			return cli.Failed(err)
+		}
+		pubs = append(pubs, p)
+	}
+	policy := image.TrailerMCUboot
+	if *slot {
+		policy = image.TrailerIgnore
+	}
+	img, err := cli.ReadImage(ctx, pos[0], policy)
+	if err != nil {
+		return err
+	}
+	v, err := img.Verify(pubs)
+	if err != nil {
+		return cli.Refused(fmt.Errorf("refused: %w", err))
+	}
+	r := img.Report(v)
+	if *asJSON {
+		return cli.WriteJSON(stdout, r)
+	}
+	fmt.Fprintf(stdout, "valid: %s: %s\n", pos[0], r.Summary())
+	return nil
+}

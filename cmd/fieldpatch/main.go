@@ -1,0 +1,104 @@
+// Command fieldpatch is the fieldpatch server and operator CLI: it makes
+// signing keys and builds, inspects and verifies signed firmware images.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+var commands = []command{
+	{"key gen", "make a signing key pair (NAME.pem, NAME.pub.pem)", runKeyGen},
+	{"image build", "build and sign a firmware image", runImageBuild},
+	{"image inspect", "show what an image holds, without trusting it", runImageInspect},
+	{"image verify", "check an image against trusted public keys (exit 0 only when valid)", runImageVerify},
+	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
+		fmt.Fprintln(stdout, "fieldpatch", version)
+		return nil
+	}},
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintf(w, `fieldpatch: over-the-air updates for fleets of devices (server and operator CLI)
+
+Usage: fieldpatch COMMAND [flags] [args]
+
+Commands:
+`)
+	for _, c := range commands {
+		fmt.Fprintf(w, "  %-15s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, `
+Run "fieldpatch COMMAND --help" for a command's flags.
+
+%s
+`, cli.ExitCodeHelp)
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		usage(stdout)
+		if len(args) == 0 {
+			return cli.ExitUsage
+		}
+		return cli.ExitOK
+	}
+	for _, c := range commands {
+		words := strings.Fields(c.name)
+		if len(args) >= len(words) && strings.Join(args[:len(words)], " ") == c.name {
+			err := c.run(ctx, args[len(words):], stdout, stderr)
+			if err != nil && !errors.Is(err, flag.ErrHelp) {
+				fmt.Fprintf(stderr, "fieldpatch %s: %v\n", c.name, err)
+			}
+			return cli.Code(err)
+		}
+	}
+	fmt.Fprintf(stderr, "fieldpatch: unknown command %q\n\n", strings.Join(args, " "))
+	usage(stderr)
+	return cli.ExitUsage
+}
+
+// flags makes a flag set whose --help prints the command's usage to stdout.
+func flags(stdout io.Writer, name, synopsis, about string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, "Usage: fieldpatch %s %s\n\n%s\n\nFlags:\n", name, synopsis, about)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		fmt.Fprintf(stdout, "\n%s\n", cli.ExitCodeHelp)
+	}
+	return fs
+}
+
+// parse parses flags, printing usage on --help.
+func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	pos, err := cli.Parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	return pos, err
+}
