@@ -1,0 +1,37 @@
+# fieldpatch: the two commands are `make demo` and `make test`.
+
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN     := bin
+
+.PHONY: all build demo test test-deps vet bench clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/fieldpatch ./cmd/fieldpatch-agent
+
+# The end-to-end path that exists today, on embedded defaults.
+demo: build
+	./scripts/demo.sh
+
+test-deps:
+	./scripts/test-deps.sh
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+# Every test, with the race detector, and with missing peer tools (openssl,
+# fw_printenv, qemu...) a failure rather than a skip.
+test: test-deps vet
+	FIELDPATCH_REQUIRE_PEERS=1 $(GO) test -race -count=1 -timeout 20m ./...
+
+# Long campaigns and measurements against peers; see bench/README.md.
+bench: build test-deps
+	$(GO) run ./bench/imageverify -bin $(BIN)
+
+clean:
+	rm -rf $(BIN)
