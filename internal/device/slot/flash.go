@@ -1,0 +1,161 @@
+package slot
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"sync"
+)
+
+// Flash is an in-memory Device that can lose power. Writes land byte by byte
+// in order; a power cut set with CutAtWrite or CutAtByte stops the write in
+// progress at that point, and everything after it is lost. With tearing on,
+// the rest of the page being programmed holds garbage instead of its old
+// bytes, as a page whose programming was interrupted may. After a cut every
+// call fails with ErrPowerCut until PowerOn.
+//
+// Writes are durable as soon as they land (raw flash or eMMC without a
+// write cache); Sync only reports the power state.
+type Flash struct {
+	mu       sync.Mutex
+	data     []byte
+	pageSize int
+
+	calls   int   // WriteAt calls so far, including cut ones
+	written int64 // bytes landed so far
+
+	cutCall int   // cut at the start of this WriteAt call (1-based); 0: never
+	cutByte int64 // cut once this many bytes have landed in total; -1: never
+	tear    bool
+	off     bool
+	rng     *rand.Rand
+}
+
+// NewFlash makes a model of size bytes, erased to 0xff, with the given
+// program page size (for tearing; 0 means 256).
+func NewFlash(size int64, pageSize int) *Flash {
+	if pageSize <= 0 {
+		pageSize = 256
+	}
+	d := make([]byte, size)
+	for i := range d {
+		d[i] = 0xff
+	}
+	return &Flash{data: d, pageSize: pageSize, cutByte: -1, rng: rand.New(rand.NewPCG(1, 2))}
+}
+
+// NewFlashFrom makes a model holding a copy of b.
+func NewFlashFrom(b []byte, pageSize int) *Flash {
+	f := NewFlash(int64(len(b)), pageSize)
+	copy(f.data, b)
+	return f
+}
+
+// CutAtWrite cuts power at the start of the n-th WriteAt call from now
+// (1-based): none of its bytes land.
+func (f *Flash) CutAtWrite(n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cutCall = f.calls + n
+}
+
+// CutAtByte cuts power once n more bytes have landed; tear says whether the
+// rest of the interrupted page is garbage.
+func (f *Flash) CutAtByte(n int64, tear bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cutByte = f.written + n
+	f.tear = tear
+}
+
+// PowerOn restores power and clears any pending cut.
+func (f *Flash) PowerOn() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.off = false
+	f.cutCall = 0
+	f.cutByte = -1
+}
+
+// Off reports whether power has been cut.
+func (f *Flash) Off() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.off
+}
+
+// Counters returns the WriteAt calls made and the bytes landed so far: run
+// an operation once to learn how many cut points it has.
+func (f *Flash) Counters() (calls int, bytes int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls, f.written
+}
+
+// Bytes returns a copy of the contents.
+func (f *Flash) Bytes() []byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]byte(nil), f.data...)
+}
+
+func (f *Flash) Size() int64 { return int64(len(f.data)) }
+
+func (f *Flash) ReadAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.off {
+		return 0, ErrPowerCut
+	}
+	if off < 0 || off > int64(len(f.data)) {
+		return 0, fmt.Errorf("read at %d outside a %d-byte device", off, len(f.data))
+	}
+	n := copy(p, f.data[off:])
+	if n < len(p) {
+		return n, fmt.Errorf("read of %d bytes at %d past the end of a %d-byte device", len(p), off, len(f.data))
+	}
+	return n, nil
+}
+
+func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.off {
+		return 0, ErrPowerCut
+	}
+	if off < 0 || off+int64(len(p)) > int64(len(f.data)) {
+		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d-byte device", len(p), off, len(f.data))
+	}
+	f.calls++
+	if f.cutCall != 0 && f.calls >= f.cutCall {
+		f.off = true
+		return 0, ErrPowerCut
+	}
+	n := len(p)
+	if f.cutByte >= 0 && f.written+int64(n) > f.cutByte {
+		n = int(f.cutByte - f.written)
+	}
+	copy(f.data[off:], p[:n])
+	f.written += int64(n)
+	if n == len(p) {
+		return n, nil
+	}
+	// Power fails at off+n.
+	f.off = true
+	if f.tear {
+		at := off + int64(n)
+		end := min((at/int64(f.pageSize)+1)*int64(f.pageSize), off+int64(len(p)))
+		for i := at; i < end; i++ {
+			f.data[i] = byte(f.rng.UintN(256))
+		}
+	}
+	return n, ErrPowerCut
+}
+
+func (f *Flash) Sync() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.off {
+		return ErrPowerCut
+	}
+	return nil
+}
