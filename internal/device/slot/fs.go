@@ -288,4 +288,3 @@ func (f *memFile) Close() error {
 
 // IsNotExist reports whether err says a file does not exist, for either FS.
 func IsNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
-
