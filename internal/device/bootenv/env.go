@@ -91,10 +91,11 @@ var (
 )
 
 // checkVars validates names and values for a format whose records end at
-// the bytes in forbidden.
+// the bytes in forbidden. In line-based formats (GRUB) a name may not start
+// with '#', which would make its line a comment.
 func checkVars(e Env, forbidden string) error {
 	for k, v := range e {
-		if k == "" || strings.ContainsAny(k, "=\x00"+forbidden) {
+		if k == "" || strings.ContainsAny(k, "=\x00"+forbidden) || strings.Contains(forbidden, "\n") && k[0] == '#' {
 			return fmt.Errorf("%w: name %q", ErrBadVariable, k)
 		}
 		if strings.ContainsRune(v, 0) {

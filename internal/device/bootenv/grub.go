@@ -85,6 +85,9 @@ func DecodeGRUB(b []byte) (Env, error) {
 		}
 		e[k] = v
 	}
+	if err := checkVars(e, "\n"); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNoEnv, err)
+	}
 	return e, nil
 }
 
