@@ -1,6 +1,7 @@
 // Command fieldpatch-agent is the device daemon. In this version it checks
-// images the way a device does before it installs or boots one: against the
-// public keys the device trusts, reading a slot up to the end of its image.
+// images the way a device does before it installs or boots one, and runs
+// the reference A/B boot selector against a device described by a config
+// file.
 package main
 
 import (
@@ -26,6 +27,8 @@ func usage(w io.Writer) {
 Usage: fieldpatch-agent COMMAND [flags] [args]
 
 Commands:
+  boot       run the A/B boot selector: decide which slot boots, and record it
+  nv         show (or, at provisioning, create) the non-volatile store
   verify     check an image file or a slot against the device's trusted keys
   version    print the version
 
@@ -55,6 +58,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return cli.ExitOK
 	case "verify":
 		err = runVerify(ctx, args[1:], stdout)
+	case "boot":
+		err = runBoot(ctx, args[1:], stdout)
+	case "nv":
+		err = runNV(args[1:], stdout)
 	default:
 		fmt.Fprintf(stderr, "fieldpatch-agent: unknown command %q\n\n", args[0])
 		usage(stderr)

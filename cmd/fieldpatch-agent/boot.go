@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/device/boot"
+)
+
+func runBoot(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, `Usage: fieldpatch-agent boot --config FILE [--json] [--dry-run]
+
+Runs the reference A/B boot selector against the device the config file
+describes (slots, boot environment, trusted keys, non-volatile store): a
+pending trial boots while attempts are left and its image verifies, else it
+is rolled back; the active slot boots if it verifies, else the other slot
+(a fallback), else recovery. Every image is verified at every boot. The
+decision is recorded in the boot environment before it is printed.
+
+The first line of the output is the decision in the same form the U-Boot
+script and GRUB configuration print:
+  FIELDPATCH: booted=b reason=trial active=a trial=b left=2
+
+Exit 0 when a slot boots, 1 for recovery (nothing verifies), 3 when the
+config cannot be used or the environment cannot be saved.
+
+Flags:
+`)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+	}
+	cfgPath := fs.String("config", "", "device config file (JSON; see docs/BOOTLOADER.md)")
+	asJSON := fs.Bool("json", false, "print the decision as JSON")
+	dry := fs.Bool("dry-run", false, "decide without writing anything")
+	pos, err := cli.Parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return cli.Usagef("unexpected argument %q", pos[0])
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	cfg, err := boot.LoadConfig(*cfgPath)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	dev, closeAll, err := cfg.Open(*dry)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer closeAll()
+	d, selErr := boot.Select(ctx, dev)
+	if *dry {
+		d.EnvSaved = false
+	}
+	if *asJSON {
+		if err := cli.WriteJSON(stdout, d); err != nil {
+			return cli.Failed(err)
+		}
+	} else {
+		printDecision(stdout, d, *dry)
+	}
+	switch {
+	case selErr != nil:
+		return cli.Failed(selErr)
+	case d.Boot == "":
+		return cli.Refused(errors.New("no slot holds an image that verifies: recovery"))
+	}
+	return nil
+}
+
+// DecisionLine is the one-line form shared with the bootloader scripts.
+func decisionLine(d boot.Decision) string {
+	booted, trial := d.Boot, d.Trial
+	if booted == "" {
+		booted = "none"
+	}
+	if trial == "" {
+		trial = "-"
+	}
+	return fmt.Sprintf("FIELDPATCH: booted=%s reason=%s active=%s trial=%s left=%d", booted, d.Reason, d.Active, trial, d.TrialLeft)
+}
+
+func printDecision(w io.Writer, d boot.Decision, dry bool) {
+	fmt.Fprintln(w, decisionLine(d))
+	for _, c := range d.Checks {
+		if c.OK {
+			fmt.Fprintf(w, "  slot %s: verifies (version %s, security counter %d)\n", c.Slot, c.Version, c.SecurityCounter)
+		} else {
+			fmt.Fprintf(w, "  slot %s: refused: %s\n", c.Slot, c.Problem)
+		}
+	}
+	if d.NV != nil {
+		fmt.Fprintf(w, "  non-volatile: security counter %d, key epoch %d\n", d.NV.Counter, d.NV.KeyEpoch)
+	}
+	for _, n := range d.Notes {
+		fmt.Fprintf(w, "  note: %s\n", n)
+	}
+	switch {
+	case dry:
+		fmt.Fprintln(w, "  environment: dry run, nothing written")
+	case d.EnvSaved:
+		fmt.Fprintln(w, "  environment: saved")
+	default:
+		fmt.Fprintln(w, "  environment: unchanged")
+	}
+}
+
+func runNV(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("nv", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(stdout, `Usage: fieldpatch-agent nv --config FILE [--init]
+
+Shows the non-volatile store (the anti-rollback security counter and the key
+epoch; a file standing in for OTP/eFuse storage). With --init, creates it
+for a newly provisioned device, with both values 0; an existing store is
+never lowered. The agent raises the values at commit.
+
+Flags:
+`)
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+	}
+	cfgPath := fs.String("config", "", "device config file")
+	initNV := fs.Bool("init", false, "create the store (provisioning)")
+	pos, err := cli.Parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return cli.Usagef("unexpected argument %q", pos[0])
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	cfg, err := boot.LoadConfig(*cfgPath)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	nv := cfg.NVStore()
+	if *initNV {
+		if _, err := nv.Load(); err == nil {
+			return cli.Failed(fmt.Errorf("%s already exists: a store is created once", nv.Path))
+		}
+		if err := nv.Init(boot.NVState{}); err != nil {
+			return cli.Failed(err)
+		}
+	}
+	s, err := nv.Load()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	fmt.Fprintf(stdout, "security counter %d\nkey epoch %d\n", s.Counter, s.KeyEpoch)
+	return nil
+}
