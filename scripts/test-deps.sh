@@ -6,7 +6,14 @@ set -euo pipefail
 
 # Debian packages and what needs them.
 packages=(
-	openssl # signature and key interoperability tests; the benchmark's yardstick
+	openssl          # signature and key interoperability tests; the benchmark's yardstick
+	libubootenv-tool # fw_printenv / fw_setenv: U-Boot environment interoperability
+	grub-common      # grub-editenv: GRUB environment block interoperability
+	mount            # losetup: slots on a real block device
+	grub-emu         # real GRUB running bootloader/grub/grub.cfg
+	e2fsprogs        # mke2fs -d and debugfs: the ext2 boot disk grub-emu reads
+	gnupg            # detached signatures GRUB verifies
+	util-linux       # setpriv: grub-emu without CAP_NET_ADMIN
 )
 
 missing=()

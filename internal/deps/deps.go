@@ -40,6 +40,7 @@ const (
 var sides = map[string]Side{
 	"cmd/fieldpatch-agent": Device,
 	"internal/device":      Device,
+	"bootloader":           Device,
 	"internal/server":      Server,
 	"cmd/fieldpatch":       Wiring,
 	"internal/fleet":       Wiring,
