@@ -292,3 +292,21 @@ func TestGRUBInterop(t *testing.T) {
 		t.Fatalf("ours read %v (%v), want %v", back, err, want)
 	}
 }
+
+// GRUB's save_env rewrites the block in place, one file-system block at a
+// time, with no checksum. A sector write is atomic on the media GRUB boots
+// from, so the A/B variables must all sit in the block's first 512-byte
+// sector: a save torn at the sector boundary then leaves old or new.
+func TestGRUBVariablesFitOneSector(t *testing.T) {
+	worst := Env{
+		"fp_active": "b", "fp_trial": "b", "fp_trial_left": "9", "fp_booted": "b",
+		"fp_boot_reason": "rollback", "fp_nv_counter": "4294967295",
+	}
+	b, err := EncodeGRUB(worst, GRUBBlockSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if used := len(bytes.TrimRight(b, "#")); used > 512 {
+		t.Fatalf("A/B variables take %d bytes of the block; they must fit the first 512", used)
+	}
+}
