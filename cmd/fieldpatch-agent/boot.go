@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 
@@ -12,11 +11,8 @@ import (
 )
 
 func runBoot(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("boot", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprintf(stdout, `Usage: fieldpatch-agent boot --config FILE [--json] [--dry-run]
-
-Runs the reference A/B boot selector against the device the config file
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "boot", "--config FILE [--json] [--dry-run]",
+		`Runs the reference A/B boot selector against the device the config file
 describes (slots, boot environment, trusted keys, non-volatile store): a
 pending trial boots while attempts are left and its image verifies, else it
 is rolled back; the active slot boots if it verifies, else the other slot
@@ -27,21 +23,11 @@ The first line of the output is the decision in the same form the U-Boot
 script and GRUB configuration print:
   FIELDPATCH: booted=b reason=trial active=a trial=b left=2
 
-Exit 0 when a slot boots, 1 for recovery (nothing verifies), 3 when the
-config cannot be used or the environment cannot be saved.
-
-Flags:
-`)
-		fs.SetOutput(stdout)
-		fs.PrintDefaults()
-	}
+Here exit 1 (refused) means recovery: no slot holds an image that verifies.`)
 	cfgPath := fs.String("config", "", "device config file (JSON; see docs/BOOTLOADER.md)")
 	asJSON := fs.Bool("json", false, "print the decision as JSON")
 	dry := fs.Bool("dry-run", false, "decide without writing anything")
-	pos, err := cli.Parse(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		fs.Usage()
-	}
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -118,26 +104,14 @@ func printDecision(w io.Writer, d boot.Decision, dry bool) {
 }
 
 func runNV(args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("nv", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprintf(stdout, `Usage: fieldpatch-agent nv --config FILE [--init]
-
-Shows the non-volatile store (the anti-rollback security counter and the key
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "nv", "--config FILE [--init]",
+		`Shows the non-volatile store (the anti-rollback security counter and the key
 epoch; a file standing in for OTP/eFuse storage). With --init, creates it
 for a newly provisioned device, with both values 0; an existing store is
-never lowered. The agent raises the values at commit.
-
-Flags:
-`)
-		fs.SetOutput(stdout)
-		fs.PrintDefaults()
-	}
+never lowered. The agent raises the values at commit.`)
 	cfgPath := fs.String("config", "", "device config file")
 	initNV := fs.Bool("init", false, "create the store (provisioning)")
-	pos, err := cli.Parse(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		fs.Usage()
-	}
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}

@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"crypto"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/image"
-	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
 var version = "dev"
@@ -74,29 +72,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 func runVerify(ctx context.Context, args []string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprintf(stdout, `Usage: fieldpatch-agent verify --key PUB [--key PUB2] [--slot] [--json] FILE
-
-Checks an image as the device does: structure, SHA-256 of the signed region,
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "verify", "--key PUB [--key PUB2] [--slot] [--json] FILE",
+		`Checks an image as the device does: structure, SHA-256 of the signed region,
 and a signature by one of the trusted keys. With --slot, FILE is a slot (a
 partition or its image file): reading stops at the end of the image and
-whatever follows it in the slot is ignored.
-
-Flags:
-`)
-		fs.SetOutput(stdout)
-		fs.PrintDefaults()
-		fmt.Fprintf(stdout, "\n%s\n", cli.ExitCodeHelp)
-	}
+whatever follows it in the slot is ignored.`)
 	var keys cli.Strings
 	fs.Var(&keys, "key", "trusted public key (PEM); repeat to trust several")
 	slot := fs.Bool("slot", false, "FILE is a slot: ignore what follows the image")
 	asJSON := fs.Bool("json", false, "print JSON")
-	pos, err := cli.Parse(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		fs.Usage()
-	}
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -106,13 +91,9 @@ Flags:
 	if len(keys) == 0 {
 		return cli.Usagef("--key PUB is required")
 	}
-	var pubs []crypto.PublicKey
-	for _, k := range keys {
-		p, err := trust.LoadPublicKey(k)
-		if err != nil {
-			return cli.Failed(err)
-		}
-		pubs = append(pubs, p)
+	pubs, err := cli.PublicKeys(keys)
+	if err != nil {
+		return err
 	}
 	policy := image.TrailerMCUboot
 	if *slot {

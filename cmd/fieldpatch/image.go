@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto"
 	"fmt"
 	"io"
 	"os"
@@ -14,7 +13,7 @@ import (
 )
 
 func runImageBuild(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flags(stdout, "image build", "--payload FILE --version V --security-counter N --hw-class C --key PRIV [--key PRIV2] -o OUT",
+	fs := cli.NewFlags(stdout, "fieldpatch", "image build", "--payload FILE --version V --security-counter N --hw-class C --key PRIV [--key PRIV2] -o OUT",
 		`Builds a signed firmware image in the MCUboot layout: header, payload,
 protected TLVs (security counter, hardware class, semantic version) and
 unprotected TLVs (SHA-256, then a key hash and a signature per --key). Give
@@ -44,7 +43,7 @@ MCUboot's imgtool makes from the same inputs (imgtool sign --pad-header -R 0).`)
 	cli.UintVar(fs, &erased, "erased", 0xff, 0xff, "erased flash value for --pad: 0xff or 0x00")
 	confirm := fs.Bool("confirm", false, "with --pad: set image_ok so MCUboot boots the image without a test swap")
 	out := fs.String("o", "", "output file (required)")
-	pos, err := parse(fs, args)
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -169,14 +168,14 @@ func writeAtomic(path string, write func(io.Writer) (*image.Image, error)) (*ima
 }
 
 func runImageInspect(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flags(stdout, "image inspect", "[--json] FILE",
+	fs := cli.NewFlags(stdout, "fieldpatch", "image inspect", "[--json] FILE",
 		`Shows what an image holds: header, versions, hardware class, security counter,
 TLVs, signatures, and the MCUboot trailer if the image is padded to a slot.
 Nothing is trusted: the digest is recomputed and compared with the SHA256 TLV,
 but signatures are only checked by "image verify". Exits 1 if the file is not
 a well-formed image.`)
 	asJSON := fs.Bool("json", false, "print JSON instead of a table")
-	pos, err := parse(fs, args)
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -198,7 +197,7 @@ a well-formed image.`)
 }
 
 func runImageVerify(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flags(stdout, "image verify", "--key PUB [--key PUB2] [--json] FILE",
+	fs := cli.NewFlags(stdout, "fieldpatch", "image verify", "--key PUB [--key PUB2] [--json] FILE",
 		`Checks an image: its structure, the SHA-256 of the signed region, and its
 signatures against the trusted public keys given with --key. The image is
 valid when the digest matches and at least one signature by a trusted key
@@ -207,7 +206,7 @@ invalid). Exit 0 only when valid.`)
 	var keys cli.Strings
 	fs.Var(&keys, "key", "trusted public key (PEM); repeat to trust several")
 	asJSON := fs.Bool("json", false, "print JSON")
-	pos, err := parse(fs, args)
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}
@@ -217,13 +216,9 @@ invalid). Exit 0 only when valid.`)
 	if len(keys) == 0 {
 		return cli.Usagef("--key PUB is required: verification means checking against keys you trust")
 	}
-	var pubs []crypto.PublicKey
-	for _, k := range keys {
-		p, err := trust.LoadPublicKey(k)
-		if err != nil {
-			return cli.Failed(err)
-		}
-		pubs = append(pubs, p)
+	pubs, err := cli.PublicKeys(keys)
+	if err != nil {
+		return err
 	}
 	img, err := cli.ReadImage(ctx, pos[0], image.TrailerMCUboot)
 	if err != nil {

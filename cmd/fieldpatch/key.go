@@ -11,14 +11,14 @@ import (
 )
 
 func runKeyGen(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flags(stdout, "key gen", "--out NAME [--type ed25519|p256]",
+	fs := cli.NewFlags(stdout, "fieldpatch", "key gen", "--out NAME [--type ed25519|p256]",
 		`Makes a signing key pair: NAME.pem holds the private key (PKCS#8 PEM, mode 0600)
 and NAME.pub.pem the public key (SubjectPublicKeyInfo PEM). Existing files are
 never overwritten. Ed25519 is the default; p256 (ECDSA P-256) is for devices
 whose secure element needs it.`)
 	typ := fs.String("type", trust.KeyEd25519, "key type: ed25519 or p256")
 	out := fs.String("out", "", "file name prefix of the key pair (required)")
-	pos, err := parse(fs, args)
+	pos, err := cli.ParseFlags(fs, args)
 	if err != nil {
 		return err
 	}

@@ -81,24 +81,3 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	usage(stderr)
 	return cli.ExitUsage
 }
-
-// flags makes a flag set whose --help prints the command's usage to stdout.
-func flags(stdout io.Writer, name, synopsis, about string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprintf(stdout, "Usage: fieldpatch %s %s\n\n%s\n\nFlags:\n", name, synopsis, about)
-		fs.SetOutput(stdout)
-		fs.PrintDefaults()
-		fmt.Fprintf(stdout, "\n%s\n", cli.ExitCodeHelp)
-	}
-	return fs
-}
-
-// parse parses flags, printing usage on --help.
-func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	pos, err := cli.Parse(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		fs.Usage()
-	}
-	return pos, err
-}

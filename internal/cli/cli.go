@@ -6,6 +6,7 @@ package cli
 
 import (
 	"context"
+	"crypto"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/image"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
 // Exit codes, the same for every command of both programs.
@@ -90,6 +92,42 @@ func Parse(fs *flag.FlagSet, args []string) ([]string, error) {
 		pos = append(pos, args[0])
 		args = args[1:]
 	}
+}
+
+// NewFlags makes a flag set for "PROG NAME" whose --help prints a usage
+// page to w: the synopsis, what the command does, its flags and the exit
+// codes.
+func NewFlags(w io.Writer, prog, name, synopsis, about string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(w, "Usage: %s %s %s\n\n%s\n\nFlags:\n", prog, name, synopsis, about)
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+		fmt.Fprintf(w, "\n%s\n", ExitCodeHelp)
+	}
+	return fs
+}
+
+// ParseFlags is Parse that prints the usage page on --help.
+func ParseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
+	pos, err := Parse(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	return pos, err
+}
+
+// PublicKeys loads trusted public key files (a failure: exit 3).
+func PublicKeys(paths []string) ([]crypto.PublicKey, error) {
+	var pubs []crypto.PublicKey
+	for _, p := range paths {
+		k, err := trust.LoadPublicKey(p)
+		if err != nil {
+			return nil, Failed(err)
+		}
+		pubs = append(pubs, k)
+	}
+	return pubs, nil
 }
 
 // Strings is a repeatable string flag.
