@@ -14,6 +14,13 @@ packages=(
 	e2fsprogs        # mke2fs -d and debugfs: the ext2 boot disk grub-emu reads
 	gnupg            # detached signatures GRUB verifies
 	util-linux       # setpriv: grub-emu without CAP_NET_ADMIN
+	u-boot-qemu      # real U-Boot (qemu_arm64) running bootloader/uboot/boot.cmd
+	qemu-system-arm  # qemu-system-aarch64: the virtual board
+	u-boot-tools     # mkimage (boot.scr, signed FITs), mkenvimage
+	device-tree-compiler # dtc, which mkimage uses to build FITs
+	fdisk            # sfdisk: the virtual board's partition table
+	dosfstools       # mkfs.vfat: the boot partition
+	mtools           # mcopy: boot.scr onto the FAT image without mounting
 )
 
 missing=()
