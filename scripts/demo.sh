@@ -11,6 +11,12 @@ trap 'rm -rf "$work"' EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
+# flip FILE OFFSET: invert one byte in place (a bit rot, a tampering).
+flip() {
+	local b
+	b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
+	printf "\\$(printf %03o $((255 - b)))" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
 expect_refused() {
 	printf '$ %s\n' "$*"
 	set +e
@@ -41,7 +47,7 @@ run "$AGENT" verify --key "$work/release-key.pub.pem" "$work/smartlock-1.4.2.img
 
 step "5. A copy with one payload byte changed is refused"
 cp "$work/smartlock-1.4.2.img" "$work/tampered.img"
-printf '\x42' | dd of="$work/tampered.img" bs=1 seek=100000 conv=notrunc status=none
+flip "$work/tampered.img" 100000
 expect_refused "$FP" image verify --key "$work/release-key.pub.pem" "$work/tampered.img"
 
 step "6. An image signed by somebody else's key is refused"
@@ -60,5 +66,43 @@ run "$FP" image verify --key "$work/new-key.pub.pem" "$work/smartlock-1.5.0.img"
 step "8. MCUboot interoperability: an image signed by MCUboot's own imgtool verifies here"
 run "$FP" image verify --key internal/image/testdata/mcuboot/ed25519.pub.pem \
 	internal/image/testdata/imgtool/ed25519-sc5-pad-confirm.bin
+
+step "9. A device: slots a and b, a redundant U-Boot environment, the non-volatile store"
+dev="$work/device"
+mkdir -p "$dev"
+cp "$work/smartlock-1.4.2.img" "$dev/slot-a.img" && truncate -s 8M "$dev/slot-a.img"
+truncate -s 8M "$dev/slot-b.img"
+truncate -s 32K "$dev/env.img"
+printf 'env.img 0x0 0x4000\nenv.img 0x4000 0x4000\n' > "$dev/fw_env.config"
+cp "$work/release-key.pub.pem" "$dev/"
+cat > "$dev/device.json" <<JSON
+{
+  "slots": {"a": "slot-a.img", "b": "slot-b.img"},
+  "env": {"type": "uboot", "fw_env_config": "fw_env.config"},
+  "keys": [{"path": "release-key.pub.pem"}],
+  "nv": "nv.bin",
+  "hw_class": "smartlock-v2"
+}
+JSON
+run "$AGENT" nv --config "$dev/device.json" --init
+run "$AGENT" boot --config "$dev/device.json"
+
+step "10. Version 1.5.0 goes into slot b and a trial of 3 attempts is armed"
+dd if="$work/smartlock-1.5.0.img" of="$dev/slot-b.img" conv=notrunc status=none
+run "$AGENT" env --config "$dev/device.json" fp_trial=b fp_trial_left=3
+run "$AGENT" boot --config "$dev/device.json"
+
+step "11. The new firmware crashes on every boot: attempts run out, the device rolls back by itself"
+run "$AGENT" boot --config "$dev/device.json"
+run "$AGENT" boot --config "$dev/device.json"
+run "$AGENT" boot --config "$dev/device.json"
+
+step "12. Slot a is damaged on the flash: the selector falls back to the verified slot b"
+flip "$dev/slot-a.img" 4096
+run "$AGENT" boot --config "$dev/device.json"
+
+step "13. Both slots damaged: recovery, never a jump into unverified code"
+flip "$dev/slot-b.img" 4096
+expect_refused "$AGENT" boot --config "$dev/device.json"
 
 printf '\n\033[1mdemo complete: every step behaved as it must.\033[0m\n'

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/device/boot"
+	"github.com/fieldpatch/fieldpatch/internal/device/bootenv"
 )
 
 func runBoot(ctx context.Context, args []string, stdout io.Writer) error {
@@ -139,5 +141,59 @@ never lowered. The agent raises the values at commit.`)
 		return cli.Failed(err)
 	}
 	fmt.Fprintf(stdout, "security counter %d\nkey epoch %d\n", s.Counter, s.KeyEpoch)
+	return nil
+}
+
+func runEnv(args []string, stdout io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "env", "--config FILE [NAME=VALUE ...]",
+		`Prints the boot environment the config names (U-Boot single or redundant,
+the two-copy scheme, or GRUB), or changes it: NAME=VALUE sets a variable,
+NAME= removes it. Changes are saved the power-safe way the layout allows, in
+one save. Like fw_printenv/fw_setenv, for every layout fieldpatch uses.`)
+	cfgPath := fs.String("config", "", "device config file")
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	changes := map[string]string{}
+	for _, a := range pos {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || k == "" {
+			return cli.Usagef("%q: want NAME=VALUE (or NAME= to remove)", a)
+		}
+		changes[k] = v
+	}
+	cfg, err := boot.LoadConfig(*cfgPath)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	dev, closeAll, err := cfg.Open(len(changes) == 0)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer closeAll()
+	env, err := dev.Env.Load()
+	if err != nil {
+		if len(changes) == 0 || !errors.Is(err, bootenv.ErrNoEnv) {
+			return cli.Failed(err)
+		}
+		env = bootenv.Env{} // a blank environment gets its first values
+	}
+	if len(changes) > 0 {
+		for k, v := range changes {
+			if v == "" {
+				delete(env, k)
+			} else {
+				env[k] = v
+			}
+		}
+		if err := dev.Env.Save(env); err != nil {
+			return cli.Failed(err)
+		}
+	}
+	fmt.Fprint(stdout, env.String())
 	return nil
 }

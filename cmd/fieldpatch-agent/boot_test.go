@@ -95,6 +95,20 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 		}
 	}
 
+	// The agent's own env command arms a trial; fw_printenv sees it.
+	if code, out, errs := agent("env", "--config", cfgPath, "fp_trial=b", "fp_trial_left=1", "note="); code != 0 || !strings.Contains(out, "fp_trial=b") {
+		t.Fatalf("env set: %d %s %s", code, out, errs)
+	}
+	if env := tool(fwPrintenv); !strings.Contains(env, "fp_trial=b") || !strings.Contains(env, "fp_trial_left=1") {
+		t.Fatalf("fw_printenv after env set:\n%s", env)
+	}
+	if got := bootOnce(); got != "FIELDPATCH: booted=b reason=trial active=a trial=b left=0" {
+		t.Fatalf("trial armed by env: %s", got)
+	}
+	if code, _, _ := agent("env", "--config", cfgPath, "novalue"); code != cli.ExitUsage {
+		t.Errorf("env with a bad argument: exit %d", code)
+	}
+
 	// A corrupt active slot with a good other one: a fallback, in JSON.
 	a, _ := os.ReadFile(filepath.Join(dir, "slot-a.img"))
 	a[1000] ^= 1

@@ -26,6 +26,7 @@ Usage: fieldpatch-agent COMMAND [flags] [args]
 
 Commands:
   boot       run the A/B boot selector: decide which slot boots, and record it
+  env        print or change the boot environment (any layout)
   nv         show (or, at provisioning, create) the non-volatile store
   verify     check an image file or a slot against the device's trusted keys
   version    print the version
@@ -60,6 +61,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runBoot(ctx, args[1:], stdout)
 	case "nv":
 		err = runNV(args[1:], stdout)
+	case "env":
+		err = runEnv(args[1:], stdout)
 	default:
 		fmt.Fprintf(stderr, "fieldpatch-agent: unknown command %q\n\n", args[0])
 		usage(stderr)
