@@ -139,23 +139,23 @@ func RetryDelay(n int) time.Duration {
 type EventKind string
 
 const (
-	EvStart            EventKind = "start"             // the agent started (Facts)
-	EvCheck            EventKind = "check"             // poll the server
-	EvNoUpdate         EventKind = "no_update"         // the server has nothing
-	EvOffer            EventKind = "offer"             // an update is offered or requested (Source, Offer, Facts)
-	EvDownloaded       EventKind = "downloaded"        // Staged
-	EvVerified         EventKind = "verified"          // Image
-	EvInstalled        EventKind = "installed"         //
-	EvArmed            EventKind = "armed"             //
-	EvRevertPrepared   EventKind = "revert_prepared"   //
-	EvHookDone         EventKind = "hook_done"         // Hook
-	EvCommitted        EventKind = "committed"         //
-	EvRolledBack       EventKind = "rolled_back"       // data and environment put back
-	EvCleaned          EventKind = "cleaned"           //
-	EvReported         EventKind = "reported"          //
-	EvFailed           EventKind = "failed"            // Err, Retryable, Security, Hook
-	EvCommitRequested  EventKind = "commit_requested"  // the operator commits a trial by hand
-	EvRollbackRequest  EventKind = "rollback_requested"
+	EvStart           EventKind = "start"            // the agent started (Facts)
+	EvCheck           EventKind = "check"            // poll the server
+	EvNoUpdate        EventKind = "no_update"        // the server has nothing
+	EvOffer           EventKind = "offer"            // an update is offered or requested (Source, Offer, Facts)
+	EvDownloaded      EventKind = "downloaded"       // Staged
+	EvVerified        EventKind = "verified"         // Image
+	EvInstalled       EventKind = "installed"        //
+	EvArmed           EventKind = "armed"            //
+	EvRevertPrepared  EventKind = "revert_prepared"  //
+	EvHookDone        EventKind = "hook_done"        // Hook
+	EvCommitted       EventKind = "committed"        //
+	EvRolledBack      EventKind = "rolled_back"      // data and environment put back
+	EvCleaned         EventKind = "cleaned"          //
+	EvReported        EventKind = "reported"         //
+	EvFailed          EventKind = "failed"           // Err, Retryable, Security, Hook
+	EvCommitRequested EventKind = "commit_requested" // the operator commits a trial by hand
+	EvRollbackRequest EventKind = "rollback_requested"
 )
 
 // Hooks, run at the edges of phases (docs/HOOKS.md).
