@@ -320,3 +320,22 @@ func BenchmarkReadVerify(b *testing.B) {
 		}
 	}
 }
+
+// Peek reads the same header and TLVs as Read without the payload.
+func TestPeek(t *testing.T) {
+	data := readFile(t, filepath.Join("testdata", "golden", "fieldpatch-dual-signed.bin"))
+	img, err := image.Peek(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, _ := image.Read(context.Background(), bytes.NewReader(data), image.ReadOptions{})
+	if img.SemVer != full.SemVer || img.HWClass != full.HWClass || img.SecurityCounter != full.SecurityCounter || img.Len != full.Len || len(img.Signatures) != 2 {
+		t.Errorf("Peek %+v, Read %+v", img, full)
+	}
+	if _, err := image.Peek(bytes.NewReader(data[:100])); err == nil {
+		t.Error("Peek accepted a truncated image")
+	}
+	if _, err := image.Peek(bytes.NewReader(make([]byte, 64))); !errors.Is(err, image.ErrBadMagic) {
+		t.Errorf("Peek of zeros: %v", err)
+	}
+}

@@ -358,3 +358,49 @@ func (img *Image) Fieldpatch() bool { return img.HWClass != "" }
 
 // StatedDigestMatches reports whether the SHA256 TLV equals the computed digest.
 func (img *Image) StatedDigestMatches() bool { return bytes.Equal(img.StatedSHA, img.Digest[:]) }
+
+// Peek reads an image's header and TLV areas from random-access storage
+// without reading or hashing the payload: it learns what a slot claims to
+// hold (version, counter, class) cheaply. Nothing is verified, and the
+// returned Digest is zero; only Verify after Read says an image is authentic.
+func Peek(ra io.ReaderAt) (*Image, error) {
+	var hb [HeaderLen]byte
+	if _, err := ra.ReadAt(hb[:], 0); err != nil {
+		return nil, fail(RegionHeader, 0, ErrTruncated, "%v", err)
+	}
+	h := decodeHeader(hb[:])
+	if h.Magic != Magic {
+		return nil, fail(RegionHeader, 0, ErrBadMagic, "found 0x%08x, want 0x%08x", h.Magic, uint32(Magic))
+	}
+	if h.HeaderSize < HeaderLen {
+		return nil, fail(RegionHeader, 8, ErrSizeOverflow, "header size %d is smaller than the %d-byte header", h.HeaderSize, HeaderLen)
+	}
+	img := &Image{Header: h}
+	img.SignedLen = int64(h.HeaderSize) + int64(h.ImageSize) + int64(h.ProtectedTLVSize)
+	if h.ProtectedTLVSize > 0 {
+		off := img.SignedLen - int64(h.ProtectedTLVSize)
+		area := make([]byte, h.ProtectedTLVSize)
+		if _, err := ra.ReadAt(area, off); err != nil {
+			return nil, fail(RegionProtected, off, ErrTruncated, "%v", err)
+		}
+		if err := img.parseArea(RegionProtected, off, area); err != nil {
+			return nil, err
+		}
+	}
+	var info [tlvInfoLen]byte
+	if _, err := ra.ReadAt(info[:], img.SignedLen); err != nil {
+		return nil, fail(RegionUnprotected, img.SignedLen, ErrTruncated, "%v", err)
+	}
+	area := make([]byte, binary.LittleEndian.Uint16(info[2:]))
+	if len(area) < tlvInfoLen {
+		return nil, fail(RegionUnprotected, img.SignedLen+2, ErrTLVOverrun, "area length %d", len(area))
+	}
+	if _, err := ra.ReadAt(area, img.SignedLen); err != nil {
+		return nil, fail(RegionUnprotected, img.SignedLen, ErrTruncated, "%v", err)
+	}
+	if err := img.parseArea(RegionUnprotected, img.SignedLen, area); err != nil {
+		return nil, err
+	}
+	img.Len = img.SignedLen + int64(len(area))
+	return img, img.check()
+}

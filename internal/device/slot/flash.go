@@ -28,6 +28,27 @@ type Flash struct {
 	tear    bool
 	off     bool
 	rng     *rand.Rand
+
+	power *Power // shared supply, if attached
+	area  string
+}
+
+// Attach connects the model to a shared power supply; its writes count as
+// operations of area.
+func (f *Flash) Attach(p *Power, area string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.power, f.area = p, area
+}
+
+// isOff reports power state, own or shared (lock held).
+func (f *Flash) isOff() bool {
+	if f.power != nil {
+		if _, off := f.power.state(); off {
+			return true
+		}
+	}
+	return f.off
 }
 
 // NewFlash makes a model of size bytes, erased to 0xff, with the given
@@ -103,7 +124,7 @@ func (f *Flash) Size() int64 { return int64(len(f.data)) }
 func (f *Flash) ReadAt(p []byte, off int64) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.off {
+	if f.isOff() {
 		return 0, ErrPowerCut
 	}
 	if off < 0 || off > int64(len(f.data)) {
@@ -119,11 +140,26 @@ func (f *Flash) ReadAt(p []byte, off int64) (int, error) {
 func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.off {
+	if f.isOff() {
 		return 0, ErrPowerCut
 	}
 	if off < 0 || off+int64(len(p)) > int64(len(f.data)) {
 		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d-byte device", len(p), off, len(f.data))
+	}
+	if f.power != nil {
+		ok, now, frac, tear := f.power.op(f.area)
+		if !ok {
+			if !now {
+				return 0, ErrPowerCut
+			}
+			// This write is the one cut: part of it lands.
+			n := int(frac * float64(len(p)))
+			copy(f.data[off:], p[:n])
+			if tear {
+				f.tearFrom(off+int64(n), off+int64(len(p)))
+			}
+			return n, ErrPowerCut
+		}
 	}
 	f.calls++
 	if f.cutCall != 0 && f.calls >= f.cutCall {
@@ -142,19 +178,23 @@ func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 	// Power fails at off+n.
 	f.off = true
 	if f.tear {
-		at := off + int64(n)
-		end := min((at/int64(f.pageSize)+1)*int64(f.pageSize), off+int64(len(p)))
-		for i := at; i < end; i++ {
-			f.data[i] = byte(f.rng.UintN(256))
-		}
+		f.tearFrom(off+int64(n), off+int64(len(p)))
 	}
 	return n, ErrPowerCut
+}
+
+// tearFrom fills the rest of the page holding at (up to limit) with garbage.
+func (f *Flash) tearFrom(at, limit int64) {
+	end := min((at/int64(f.pageSize)+1)*int64(f.pageSize), limit)
+	for i := at; i < end; i++ {
+		f.data[i] = byte(f.rng.UintN(256))
+	}
 }
 
 func (f *Flash) Sync() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.off {
+	if f.isOff() {
 		return ErrPowerCut
 	}
 	return nil

@@ -21,6 +21,17 @@ type FS interface {
 	Remove(name string) error
 	// SyncDir makes the directory's entries (creates, renames, removes) durable.
 	SyncDir(dir string) error
+	// ReadDir lists a directory, sorted by name; a missing path or a file
+	// lists as empty.
+	ReadDir(dir string) ([]DirEntry, error)
+	// MkdirAll makes a directory and its parents.
+	MkdirAll(dir string) error
+}
+
+// DirEntry is one name in a directory.
+type DirEntry struct {
+	Name  string
+	IsDir bool
 }
 
 // File is a file open for writing.
@@ -64,8 +75,26 @@ func (OSFS) ReadFile(name string) ([]byte, error) { return os.ReadFile(name) }
 func (OSFS) Create(name string) (File, error) {
 	return os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 }
-func (OSFS) Rename(o, n string) error { return os.Rename(o, n) }
-func (OSFS) Remove(name string) error { return os.Remove(name) }
+func (OSFS) Rename(o, n string) error  { return os.Rename(o, n) }
+func (OSFS) Remove(name string) error  { return os.Remove(name) }
+func (OSFS) MkdirAll(dir string) error { return os.MkdirAll(dir, 0o755) }
+func (OSFS) ReadDir(dir string) ([]DirEntry, error) {
+	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
+		return nil, nil
+	}
+	des, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := make([]DirEntry, 0, len(des))
+	for _, d := range des {
+		out = append(out, DirEntry{Name: d.Name(), IsDir: d.IsDir()})
+	}
+	return out, nil
+}
 func (OSFS) SyncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
@@ -86,6 +115,37 @@ type MemFS struct {
 	ops     int               // mutating operations so far
 	cutOp   int               // power fails at this operation (1-based); 0: never
 	off     bool
+
+	power    *Power // shared supply, if attached
+	area     string
+	seenCuts int
+}
+
+// Attach connects the model to a shared power supply; its mutating
+// operations count as operations of area, and a cut anywhere on the supply
+// loses what was volatile here.
+func (m *MemFS) Attach(p *Power, area string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.power, m.area = p, area
+	m.seenCuts, _ = p.state()
+}
+
+// live follows the shared supply (lock held): after a cut it drops what was
+// volatile, once, and reports ErrPowerCut while power is off.
+func (m *MemFS) live() error {
+	if m.power != nil {
+		cuts, off := m.power.state()
+		if cuts != m.seenCuts {
+			m.seenCuts = cuts
+			m.powerCut()
+		}
+		m.off = off
+	}
+	if m.off {
+		return ErrPowerCut
+	}
+	return nil
 }
 
 type inode struct {
@@ -160,8 +220,16 @@ func (m *MemFS) Names() []string {
 
 // op counts a mutating operation and reports whether it may happen.
 func (m *MemFS) op() error {
-	if m.off {
-		return ErrPowerCut
+	if err := m.live(); err != nil {
+		return err
+	}
+	if m.power != nil {
+		if ok, _, _, _ := m.power.op(m.area); !ok {
+			cuts, _ := m.power.state()
+			m.seenCuts = cuts
+			m.powerCut()
+			return ErrPowerCut
+		}
 	}
 	m.ops++
 	if m.cutOp != 0 && m.ops >= m.cutOp {
@@ -174,8 +242,8 @@ func (m *MemFS) op() error {
 func (m *MemFS) ReadFile(name string) ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.off {
-		return nil, ErrPowerCut
+	if err := m.live(); err != nil {
+		return nil, err
 	}
 	ino, ok := m.cur[name]
 	if !ok {
@@ -203,6 +271,9 @@ func (m *MemFS) Create(name string) (File, error) {
 func (m *MemFS) Rename(o, n string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.live(); err != nil {
+		return err
+	}
 	ino, ok := m.cur[o]
 	if !ok {
 		return &fs.PathError{Op: "rename", Path: o, Err: fs.ErrNotExist}
@@ -218,6 +289,9 @@ func (m *MemFS) Rename(o, n string) error {
 func (m *MemFS) Remove(name string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if err := m.live(); err != nil {
+		return err
+	}
 	if _, ok := m.cur[name]; !ok {
 		return &fs.PathError{Op: "remove", Path: name, Err: fs.ErrNotExist}
 	}
@@ -226,6 +300,47 @@ func (m *MemFS) Remove(name string) error {
 	}
 	delete(m.cur, name)
 	return nil
+}
+
+// MkdirAll does nothing: directories in the model exist by their files.
+func (m *MemFS) MkdirAll(dir string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.live()
+}
+
+func (m *MemFS) ReadDir(dir string) ([]DirEntry, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.live(); err != nil {
+		return nil, err
+	}
+	dir = filepath.Clean(dir)
+	seen := map[string]bool{}
+	var out []DirEntry
+	for name := range m.cur {
+		rel, err := filepath.Rel(dir, name)
+		if err != nil || rel == "." || rel == ".." || len(rel) > 2 && rel[:3] == "../" {
+			continue
+		}
+		first, rest, nested := cutPath(rel)
+		if seen[first] {
+			continue
+		}
+		seen[first] = true
+		out = append(out, DirEntry{Name: first, IsDir: nested && rest != ""})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func cutPath(rel string) (string, string, bool) {
+	for i := 0; i < len(rel); i++ {
+		if rel[i] == '/' {
+			return rel[:i], rel[i+1:], true
+		}
+	}
+	return rel, "", false
 }
 
 func (m *MemFS) SyncDir(dir string) error {

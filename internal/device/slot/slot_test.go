@@ -186,3 +186,64 @@ func TestWriteFileAtomicAtEveryCut(t *testing.T) {
 		t.Errorf("old seen %v, new seen %v: the cuts did not span the write", sawOld, sawNew)
 	}
 }
+
+func TestReadDir(t *testing.T) {
+	m := NewMemFS()
+	m.Put("/data/app/db", []byte("1"))
+	m.Put("/data/app/conf/x", []byte("2"))
+	m.Put("/data/other", []byte("3"))
+	m.Put("/datax/no", []byte("4"))
+	got, err := m.ReadDir("/data")
+	if err != nil || len(got) != 2 || got[0] != (DirEntry{"app", true}) || got[1] != (DirEntry{"other", false}) {
+		t.Fatalf("ReadDir = %+v, %v", got, err)
+	}
+	got, _ = m.ReadDir("/data/app")
+	if len(got) != 2 || got[0] != (DirEntry{"conf", true}) || got[1] != (DirEntry{"db", false}) {
+		t.Fatalf("ReadDir(app) = %+v", got)
+	}
+	if got, _ := m.ReadDir("/missing"); len(got) != 0 {
+		t.Fatalf("missing dir: %+v", got)
+	}
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "sub"), 0o755)
+	os.WriteFile(filepath.Join(dir, "f"), nil, 0o644)
+	got, _ = OSFS{}.ReadDir(dir)
+	if len(got) != 2 || got[0] != (DirEntry{"f", false}) || got[1] != (DirEntry{"sub", true}) {
+		t.Fatalf("OSFS ReadDir = %+v", got)
+	}
+}
+
+// One supply for several models: a cut anywhere stops all of them, the
+// file system loses what was volatile, and the count is kept per area.
+func TestSharedPower(t *testing.T) {
+	p := NewPower()
+	fl := NewFlash(4096, 256)
+	fl.Attach(p, "slot")
+	m := NewMemFS()
+	m.Attach(p, "data")
+	f, _ := m.Create("/d/x")    // op 1 (data)
+	f.Write([]byte("volatile")) // op 2 (data)
+	fl.WriteAt([]byte{1}, 0)    // op 3 (slot)
+	p.CutAt(4, 0.5, false)
+	if n, err := fl.WriteAt([]byte{9, 9, 9, 9}, 8); n != 2 || !errors.Is(err, ErrPowerCut) { // op 4: cut, half lands
+		t.Fatalf("cut write: %d %v", n, err)
+	}
+	if _, err := m.ReadFile("/d/x"); !errors.Is(err, ErrPowerCut) {
+		t.Fatalf("file system still on: %v", err)
+	}
+	if !p.Off() || p.CutArea() != "slot" {
+		t.Fatalf("off %v area %q", p.Off(), p.CutArea())
+	}
+	p.On()
+	if _, err := m.ReadFile("/d/x"); !IsNotExist(err) {
+		t.Errorf("volatile file survived the cut: %v", err)
+	}
+	b := fl.Bytes()
+	if b[0] != 1 || b[8] != 9 || b[9] != 9 || b[10] != 0xff {
+		t.Errorf("flash after cut: %x", b[:12])
+	}
+	total, per := p.Ops()
+	if total != 4 || per["data"] != 2 || per["slot"] != 2 {
+		t.Errorf("ops %d %v", total, per)
+	}
+}

@@ -1,0 +1,112 @@
+package slot
+
+import (
+	"math/rand/v2"
+	"sort"
+	"sync"
+)
+
+// Power is one power supply shared by several storage models (slots, the
+// boot environment, the data partition), so that a power cut scheduled at
+// the N-th write operation of the whole device stops them all at once.
+// It counts the operations per area, for campaigns that must show every
+// area got its cuts.
+type Power struct {
+	mu      sync.Mutex
+	ops     int
+	perArea map[string]int
+	cutAt   int     // cut at this operation (1-based); 0: never
+	frac    float64 // for a Flash write: how much of it lands before the cut
+	tear    bool
+	cutArea string
+	off     bool
+	cuts    int // power cuts so far
+}
+
+// NewPower makes a supply with no cut scheduled.
+func NewPower() *Power { return &Power{perArea: map[string]int{}} }
+
+// CutAt schedules a cut at the n-th operation from the start of the count
+// (1-based). A Flash write cut there lands frac of its bytes (0 to 1),
+// tearing the rest of the page if tear is set.
+func (p *Power) CutAt(n int, frac float64, tear bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cutAt, p.frac, p.tear = n, frac, tear
+}
+
+// Ops returns the operations counted so far, in total and per area.
+func (p *Power) Ops() (int, map[string]int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := make(map[string]int, len(p.perArea))
+	for k, v := range p.perArea {
+		m[k] = v
+	}
+	return p.ops, m
+}
+
+// CutArea is the area whose operation the cut hit ("" if none yet).
+func (p *Power) CutArea() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cutArea
+}
+
+// Off reports whether power is cut.
+func (p *Power) Off() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.off
+}
+
+// On restores power. The scheduled cut is spent; counting goes on.
+func (p *Power) On() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.off = false
+	p.cutAt = 0
+}
+
+// state returns how many cuts happened and whether power is off now.
+func (p *Power) state() (int, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cuts, p.off
+}
+
+// op counts one operation in area and says how it goes: ok means it
+// happens whole; otherwise power is off, and if this very operation was cut,
+// now is true and frac of a write lands.
+func (p *Power) op(area string) (ok, now bool, frac float64, tear bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.off {
+		return false, false, 0, false
+	}
+	p.ops++
+	p.perArea[area]++
+	if p.cutAt == 0 || p.ops < p.cutAt {
+		return true, false, 0, false
+	}
+	p.off = true
+	p.cuts++
+	p.cutArea = area
+	return false, true, p.frac, p.tear
+}
+
+// Areas lists the areas in a count, sorted.
+func Areas(m map[string]int) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// RandomCut picks a cut for a campaign: an operation in [1, total], a
+// fraction of its bytes, and whether the page tears.
+func RandomCut(r *rand.Rand, total int) (int, float64, bool) {
+	return 1 + r.IntN(total), r.Float64(), r.IntN(2) == 0
+}
