@@ -60,12 +60,15 @@ func (p *Power) Off() bool {
 	return p.off
 }
 
-// On restores power. The scheduled cut is spent; counting goes on.
+// On restores power after a cut; that cut is spent, counting goes on. A
+// cut scheduled but not yet struck stays scheduled.
 func (p *Power) On() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.off = false
-	p.cutAt = 0
+	if p.off {
+		p.off = false
+		p.cutAt = 0
+	}
 }
 
 // state returns how many cuts happened and whether power is off now.
