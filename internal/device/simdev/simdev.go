@@ -122,7 +122,7 @@ const SlotSize = 256 << 10
 // data in format v1.DataFormat, the non-volatile counter at v1's counter.
 func New(v1 []byte, keys []boot.TrustedKey, hwClass string) (*Device, error) {
 	d := &Device{
-		Slots: map[string]*slot.Flash{"a": slot.NewFlash(SlotSize, 4096), "b": slot.NewFlash(SlotSize, 4096)},
+		Slots:  map[string]*slot.Flash{"a": slot.NewFlash(SlotSize, 4096), "b": slot.NewFlash(SlotSize, 4096)},
 		EnvDev: slot.NewFlash(0x800, 256),
 		State:  slot.NewMemFS(), Inbox: slot.NewMemFS(), NVFS: slot.NewMemFS(), Data: slot.NewMemFS(),
 		Keys: keys, HWClass: hwClass,

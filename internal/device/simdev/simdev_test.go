@@ -134,8 +134,12 @@ func TestRefusedUpdatesChangeNothing(t *testing.T) {
 		img   func(t *testing.T) []byte
 		offer *agent.Offer
 	}{
-		{"older version", func(t *testing.T) []byte { return firmware(t, Behavior{Version: "0.9.0", DataFormat: 1, Boot: "ok", Health: "ok"}, 1) }, nil},
-		{"below the counter", func(t *testing.T) []byte { return firmware(t, Behavior{Version: "2.0.0", DataFormat: 1, Boot: "ok", Health: "ok"}, 0) }, nil},
+		{"older version", func(t *testing.T) []byte {
+			return firmware(t, Behavior{Version: "0.9.0", DataFormat: 1, Boot: "ok", Health: "ok"}, 1)
+		}, nil},
+		{"below the counter", func(t *testing.T) []byte {
+			return firmware(t, Behavior{Version: "2.0.0", DataFormat: 1, Boot: "ok", Health: "ok"}, 0)
+		}, nil},
 		{"tampered", func(t *testing.T) []byte { b := firmware(t, fwV2, 2); b[4000] ^= 1; return b }, &agent.Offer{Version: "2.0.0"}},
 		{"foreign key", func(t *testing.T) []byte {
 			k := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{9}, 32))
