@@ -504,23 +504,35 @@ func (r *Runner) install(ctx context.Context, u *Update) error {
 	if u.Image != nil && u.Image.Len > dst.Size() {
 		return fmt.Errorf("image of %d bytes does not fit slot %s (%d bytes)", u.Image.Len, u.ToSlot, dst.Size())
 	}
-	w := &slotWriter{d: dst}
 	var total int64
 	if u.Image != nil {
 		total = u.Image.Len
 	}
-	opts := image.ReadOptions{Trailer: image.TrailerIgnore}
-	if p := r.progress("installing"); p != nil && total > 0 {
-		opts.Progress = func(done, _ int64) { p(done, total) }
-	}
-	img, _, err := image.ReadVerify(ctx, io.TeeReader(src, w), keys, opts)
+	img, err := InstallImage(ctx, src, dst, keys, total, r.progress("installing"))
 	if err != nil {
 		return err
 	}
 	if u.Image != nil && (img.Version().String() != u.Image.Version || img.Len != u.Image.Len) {
 		return fmt.Errorf("the image changed between verification and installation")
 	}
-	return dst.Sync()
+	return nil
+}
+
+// InstallImage streams an image from src into a slot, verifying it in the
+// same pass (the hash is computed from the bytes being written), and syncs
+// the slot: one read of the source, one write of the slot, constant memory.
+// total, if known, is the image length for progress reports.
+func InstallImage(ctx context.Context, src io.Reader, dst slot.Device, keys []crypto.PublicKey, total int64, progress func(done, total int64)) (*image.Image, error) {
+	w := &slotWriter{d: dst}
+	opts := image.ReadOptions{Trailer: image.TrailerIgnore}
+	if progress != nil && total > 0 {
+		opts.Progress = func(done, _ int64) { progress(done, total) }
+	}
+	img, _, err := image.ReadVerify(ctx, io.TeeReader(src, w), keys, opts)
+	if err != nil {
+		return nil, err
+	}
+	return img, dst.Sync()
 }
 
 // arm re-reads the slot, verifies the image there and judges it again from
