@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/device/boot"
 	"github.com/fieldpatch/fieldpatch/internal/device/bootenv"
 )
@@ -39,7 +40,7 @@ Here exit 1 (refused) means recovery: no slot holds an image that verifies.`)
 	if *cfgPath == "" {
 		return cli.Usagef("--config FILE is required")
 	}
-	cfg, err := boot.LoadConfig(*cfgPath)
+	cfg, err := agent.LoadConfig(*cfgPath)
 	if err != nil {
 		return cli.Failed(err)
 	}
@@ -123,7 +124,7 @@ never lowered. The agent raises the values at commit.`)
 	if *cfgPath == "" {
 		return cli.Usagef("--config FILE is required")
 	}
-	cfg, err := boot.LoadConfig(*cfgPath)
+	cfg, err := agent.LoadConfig(*cfgPath)
 	if err != nil {
 		return cli.Failed(err)
 	}
@@ -166,7 +167,7 @@ one save. Like fw_printenv/fw_setenv, for every layout fieldpatch uses.`)
 		}
 		changes[k] = v
 	}
-	cfg, err := boot.LoadConfig(*cfgPath)
+	cfg, err := agent.LoadConfig(*cfgPath)
 	if err != nil {
 		return cli.Failed(err)
 	}

@@ -64,14 +64,14 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 		return string(out)
 	}
 	bootOnce := func() string {
-		code, out, errs := agent("boot", "--config", cfgPath)
+		code, out, errs := runAgent("boot", "--config", cfgPath)
 		if code != cli.ExitOK {
 			t.Fatalf("boot: exit %d\n%s%s", code, out, errs)
 		}
 		return strings.SplitN(out, "\n", 2)[0]
 	}
 
-	if code, out, errs := agent("nv", "--config", cfgPath, "--init"); code != 0 || !strings.Contains(out, "security counter 0") {
+	if code, out, errs := runAgent("nv", "--config", cfgPath, "--init"); code != 0 || !strings.Contains(out, "security counter 0") {
 		t.Fatalf("nv --init: %d %s %s", code, out, errs)
 	}
 	if got := bootOnce(); got != "FIELDPATCH: booted=a reason=active active=a trial=- left=0" {
@@ -96,7 +96,7 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 	}
 
 	// The agent's own env command arms a trial; fw_printenv sees it.
-	if code, out, errs := agent("env", "--config", cfgPath, "fp_trial=b", "fp_trial_left=1", "note="); code != 0 || !strings.Contains(out, "fp_trial=b") {
+	if code, out, errs := runAgent("env", "--config", cfgPath, "fp_trial=b", "fp_trial_left=1", "note="); code != 0 || !strings.Contains(out, "fp_trial=b") {
 		t.Fatalf("env set: %d %s %s", code, out, errs)
 	}
 	if env := tool(fwPrintenv); !strings.Contains(env, "fp_trial=b") || !strings.Contains(env, "fp_trial_left=1") {
@@ -105,7 +105,7 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 	if got := bootOnce(); got != "FIELDPATCH: booted=b reason=trial active=a trial=b left=0" {
 		t.Fatalf("trial armed by env: %s", got)
 	}
-	if code, _, _ := agent("env", "--config", cfgPath, "novalue"); code != cli.ExitUsage {
+	if code, _, _ := runAgent("env", "--config", cfgPath, "novalue"); code != cli.ExitUsage {
 		t.Errorf("env with a bad argument: exit %d", code)
 	}
 
@@ -113,7 +113,7 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 	a, _ := os.ReadFile(filepath.Join(dir, "slot-a.img"))
 	a[1000] ^= 1
 	os.WriteFile(filepath.Join(dir, "slot-a.img"), a, 0o644)
-	code, out, _ := agent("boot", "--config", cfgPath, "--json")
+	code, out, _ := runAgent("boot", "--config", cfgPath, "--json")
 	var d boot.Decision
 	if err := json.Unmarshal([]byte(out), &d); err != nil || code != 0 || d.Boot != "b" || d.Reason != boot.ReasonFallback {
 		t.Fatalf("fallback: exit %d %+v %v\n%s", code, d, err, out)
@@ -122,13 +122,13 @@ func TestBootCommandWithRealEnvTools(t *testing.T) {
 	b, _ := os.ReadFile(filepath.Join(dir, "slot-b.img"))
 	b[1000] ^= 1
 	os.WriteFile(filepath.Join(dir, "slot-b.img"), b, 0o644)
-	code, out, _ = agent("boot", "--config", cfgPath)
+	code, out, _ = runAgent("boot", "--config", cfgPath)
 	if code != cli.ExitRefused || !strings.HasPrefix(out, "FIELDPATCH: booted=none reason=recovery") {
 		t.Fatalf("recovery: exit %d\n%s", code, out)
 	}
 	// A config that does not validate: exit 3 with every problem named.
 	os.WriteFile(cfgPath, []byte(`{"slots": {"a": "x"}, "env": {"type": "floppy"}}`), 0o644)
-	code, _, errs := agent("boot", "--config", cfgPath)
+	code, _, errs := runAgent("boot", "--config", cfgPath)
 	for _, w := range []string{"slots.b is missing", "env.type", "keys", "nv is required"} {
 		if !strings.Contains(errs, w) {
 			t.Errorf("bad config: error %q lacks %q", errs, w)

@@ -14,6 +14,7 @@ import (
 	"os/signal"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/image"
 )
 
@@ -25,6 +26,11 @@ func usage(w io.Writer) {
 Usage: fieldpatch-agent COMMAND [flags] [args]
 
 Commands:
+  install    install an update (file or URL): verify, write the inactive slot, arm a trial
+  resume     carry on the update the journal holds (run at every boot)
+  commit     commit a trial by hand (skipping the remaining health checks)
+  rollback   abandon the update: roll a trial back, or cancel one not yet booted
+  status     the update in progress, the last outcome, what the device runs
   boot       run the A/B boot selector: decide which slot boots, and record it
   env        print or change the boot environment (any layout)
   nv         show (or, at provisioning, create) the non-volatile store
@@ -63,6 +69,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runNV(args[1:], stdout)
 	case "env":
 		err = runEnv(args[1:], stdout)
+	case "install":
+		err = runInstall(ctx, args[1:], stdout, stderr)
+	case "resume":
+		err = runResume(ctx, args[1:], stdout, stderr)
+	case "commit":
+		err = runRequest(agent.EvCommitRequested, "commit", `Commits a trial now, skipping the health checks that have not run yet:
+the trial slot becomes the active one and the non-volatile counter is raised.`)(ctx, args[1:], stdout, stderr)
+	case "rollback":
+		err = runRequest(agent.EvRollbackRequest, "rollback", `Abandons the update in progress: on a trial boot, puts the data back and
+clears the trial (then reboots into the old slot); before the trial boot,
+cancels the update and disarms the trial.`)(ctx, args[1:], stdout, stderr)
+	case "status":
+		err = runStatus(ctx, args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "fieldpatch-agent: unknown command %q\n\n", args[0])
 		usage(stderr)

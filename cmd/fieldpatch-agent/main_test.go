@@ -13,7 +13,7 @@ import (
 
 const vectors = "../../internal/image/testdata"
 
-func agent(args ...string) (int, string, string) {
+func runAgent(args ...string) (int, string, string) {
 	var out, errb bytes.Buffer
 	code := run(context.Background(), args, &out, &errb)
 	return code, out.String(), errb.String()
@@ -30,24 +30,24 @@ func TestVerifySlot(t *testing.T) {
 	os.WriteFile(slot, append(img, bytes.Repeat([]byte("old firmware"), 1000)...), 0o644)
 	key := filepath.Join(vectors, "mcuboot", "ed25519.pub.pem")
 
-	code, out, errs := agent("verify", "--key", key, "--slot", slot)
+	code, out, errs := runAgent("verify", "--key", key, "--slot", slot)
 	if code != cli.ExitOK || !strings.Contains(out, "1.4.0-rc.1+build.7") {
 		t.Fatalf("--slot: exit %d %q %q", code, out, errs)
 	}
-	if code, _, errs := agent("verify", "--key", key, slot); code != cli.ExitRefused || !strings.Contains(errs, "unexpected bytes after the image") {
+	if code, _, errs := runAgent("verify", "--key", key, slot); code != cli.ExitRefused || !strings.Contains(errs, "unexpected bytes after the image") {
 		t.Errorf("without --slot: exit %d %q", code, errs)
 	}
 	// A corrupt image in the slot is refused either way.
 	data, _ := os.ReadFile(slot)
 	data[0x300] ^= 1
 	os.WriteFile(slot, data, 0o644)
-	if code, _, errs := agent("verify", "--key", key, "--slot", slot); code != cli.ExitRefused || !strings.Contains(errs, "does not match") {
+	if code, _, errs := runAgent("verify", "--key", key, "--slot", slot); code != cli.ExitRefused || !strings.Contains(errs, "does not match") {
 		t.Errorf("corrupt slot: exit %d %q", code, errs)
 	}
-	if code, _, _ := agent("verify", slot); code != cli.ExitUsage {
+	if code, _, _ := runAgent("verify", slot); code != cli.ExitUsage {
 		t.Errorf("no key: exit %d", code)
 	}
-	if code, _, _ := agent("bogus"); code != cli.ExitUsage {
+	if code, _, _ := runAgent("bogus"); code != cli.ExitUsage {
 		t.Errorf("unknown command: exit %d", code)
 	}
 }

@@ -649,8 +649,10 @@ func (r *Runner) rollback(ctx context.Context, u *Update, onNewSlot bool) error 
 // trial that an update which failed had set.
 func (r *Runner) cleanup(u *Update, p Phase) error {
 	if u.Staged == r.stagingPath() {
-		if err := r.FS.Remove(u.Staged); err != nil && !slot.IsNotExist(err) {
-			return err
+		for _, p := range []string{u.Staged, u.Staged + ".progress"} {
+			if err := r.FS.Remove(p); err != nil && !slot.IsNotExist(err) {
+				return err
+			}
 		}
 	}
 	if err := removeAll(r.FS, r.revertDir(u)); err != nil {

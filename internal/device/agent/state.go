@@ -58,6 +58,14 @@ type ImageInfo struct {
 	Len             int64  `json:"len"`
 }
 
+// VersionOr is the image's version, or def when it is not known yet.
+func (i *ImageInfo) VersionOr(def string) string {
+	if i == nil {
+		return def
+	}
+	return i.Version
+}
+
 // Facts describe the device as the runner found it at start or at a
 // request: which slot booted and why, what it runs, its non-volatile store.
 type Facts struct {

@@ -1,7 +1,6 @@
 package boot
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,8 +12,9 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
-// Config describes a device's boot side in a JSON file. Relative paths are
-// resolved against the file's directory.
+// Config describes a device's boot side; it is the boot half of the agent's
+// config file (agent.LoadConfig reads it). Relative paths are resolved
+// against the file's directory (SetBase).
 //
 //	{
 //	  "slots": {"a": "/dev/mmcblk0p2", "b": "/dev/mmcblk0p3"},
@@ -61,32 +61,6 @@ type KeyConfig struct {
 	RevokedAtEpoch uint32 `json:"revoked_at_epoch,omitempty"`
 }
 
-// LoadConfig reads and validates a config file.
-func LoadConfig(path string) (*Config, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	c, err := ParseConfig(f)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	c.dir = filepath.Dir(path)
-	return c, nil
-}
-
-// ParseConfig reads a config; unknown fields are errors.
-func ParseConfig(r io.Reader) (*Config, error) {
-	var c Config
-	dec := json.NewDecoder(r)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		return nil, err
-	}
-	return &c, c.Validate()
-}
-
 // Validate checks that the config is complete.
 func (c *Config) Validate() error {
 	var errs []error
@@ -124,6 +98,13 @@ func (c *Config) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// SetBase sets the directory that relative paths are resolved against (the
+// config file's).
+func (c *Config) SetBase(dir string) { c.dir = dir }
+
+// Path resolves a path from the config against its base directory.
+func (c *Config) Path(p string) string { return c.path(p) }
 
 func (c *Config) path(p string) string {
 	if p == "" || filepath.IsAbs(p) {

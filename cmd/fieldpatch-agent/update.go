@@ -1,0 +1,242 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
+)
+
+// openRunner loads the config and makes a runner whose log goes to stderr
+// and to the update log in the state directory.
+func openRunner(cfgPath string, stderr io.Writer) (*agent.Runner, *agent.Config, func(), error) {
+	cfg, err := agent.LoadConfig(cfgPath)
+	if err != nil {
+		return nil, nil, nil, cli.Failed(err)
+	}
+	stateDir := cfg.Path(cfg.StateDir)
+	if err := os.MkdirAll(stateDir, 0o755); err != nil {
+		return nil, nil, nil, cli.Failed(err)
+	}
+	logFile, err := os.OpenFile(filepath.Join(stateDir, "update.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, nil, nil, cli.Failed(err)
+	}
+	lg := slog.New(slog.NewTextHandler(io.MultiWriter(stderr, logFile), nil))
+	r, closeDev, err := cfg.NewRunner(lg)
+	if err != nil {
+		logFile.Close()
+		return nil, nil, nil, cli.Failed(err)
+	}
+	if os.Getenv("FIELDPATCH_TEST_PAUSE_AT") != "" {
+		r.AtPhase = testPause
+	}
+	if f, ok := stderr.(*os.File); ok {
+		r.Progress = func(what string, done, total int64) {
+			if p := cli.Progress(f, what, total); p != nil {
+				p(done, total)
+			}
+		}
+	}
+	return r, cfg, func() { closeDev(); logFile.Close() }, nil
+}
+
+// testPause is a test-only pause point: when the runner enters the phase
+// named by FIELDPATCH_TEST_PAUSE_AT (after persisting it, before its
+// effects), the agent writes FIELDPATCH_TEST_PAUSE_FILE and waits to be
+// killed. The kill test uses it to stop the agent in every phase exactly.
+func testPause(p agent.Phase) {
+	if string(p) != os.Getenv("FIELDPATCH_TEST_PAUSE_AT") {
+		return
+	}
+	os.WriteFile(os.Getenv("FIELDPATCH_TEST_PAUSE_FILE"), []byte(p), 0o644)
+	select {}
+}
+
+// finish turns the runner's stop into the command's result.
+func finish(stdout io.Writer, st agent.State, err error) error {
+	switch {
+	case errors.Is(err, agent.ErrReboot):
+		fmt.Fprintf(stdout, "phase %s: reboot the device to continue (the boot selector then boots slot %s on trial)\n", st.Phase, st.Update.ToSlot)
+		return nil
+	case err != nil:
+		return cli.Failed(err)
+	}
+	if st.Phase == agent.PhaseIdle && st.Last != nil {
+		fmt.Fprintf(stdout, "%s: %s -> %s", st.Last.Result, st.Last.From, st.Last.To)
+		if st.Last.Reason != "" {
+			fmt.Fprintf(stdout, " (%s)", st.Last.Reason)
+		}
+		fmt.Fprintln(stdout)
+		if st.Last.Result == agent.ResultFailed {
+			return cli.Refused(errors.New(st.Last.Reason))
+		}
+		return nil
+	}
+	fmt.Fprintf(stdout, "phase %s\n", st.Phase)
+	return nil
+}
+
+func runInstall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "install", "--config FILE [--version V --security-counter N --downgrade] FILE|URL",
+		`Installs an update: downloads it (URLs; resumable), verifies it against the
+device's trusted keys, refuses an image below the device's security counter,
+for other hardware, or older than the running version (unless --downgrade),
+runs the pre-install hooks, streams it into the inactive slot while hashing,
+re-reads and verifies the slot, and arms a trial boot. Then it reboots
+(reboot_command) or asks for a reboot. After the reboot, "resume" (run at
+every boot) carries on: migrate-data, health-check, commit or rollback.
+
+--version and --security-counter describe the update as an offer would, so
+it can be refused before anything is downloaded.`)
+	cfgPath := fs.String("config", "", "device config file")
+	ver := fs.String("version", "", "the version the update is said to be")
+	var sc cli.Uint
+	cli.UintVar(fs, &sc, "security-counter", 0, 0xffffffff, "the security counter the update is said to have")
+	down := fs.Bool("downgrade", false, "a deliberate downgrade: allow a lower version with an equal security counter")
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if *cfgPath == "" || len(pos) != 1 {
+		return cli.Usagef("want --config FILE and one image file or URL")
+	}
+	r, cfg, done, err := openRunner(*cfgPath, stderr)
+	if err != nil {
+		return err
+	}
+	defer done()
+	src := pos[0]
+	if !isURL(src) {
+		if src, err = filepath.Abs(src); err != nil {
+			return cli.Failed(err)
+		}
+	}
+	offer := &agent.Offer{Version: *ver, SecurityCounter: uint32(sc.V), HasCounter: sc.Given, Downgrade: *down, HWClass: cfg.HWClass}
+	if *ver == "" && !sc.Given {
+		offer.HWClass = ""
+	}
+	st, err := r.Load()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	if st.Phase != agent.PhaseIdle {
+		return cli.Failed(fmt.Errorf("an update is in progress (phase %s): run resume, or rollback to cancel it", st.Phase))
+	}
+	st, err = r.Install(ctx, src, offer)
+	return finish(stdout, st, err)
+}
+
+func isURL(s string) bool {
+	return len(s) > 8 && (s[:7] == "http://" || s[:8] == "https://")
+}
+
+func runResume(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "resume", "--config FILE",
+		`Carries on whatever the journal says, from what booted: run it at every
+boot (a systemd unit does). On a trial boot it prepares the revert material,
+runs migrate-data and health-check, and commits or rolls back; back on the
+old slot after a failed trial it restores the data and reports the rollback;
+interrupted downloads and installs continue.`)
+	cfgPath := fs.String("config", "", "device config file")
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	r, _, done, err := openRunner(*cfgPath, stderr)
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := r.Start(ctx)
+	return finish(stdout, st, err)
+}
+
+func runRequest(kind agent.EventKind, name, about string) func(context.Context, []string, io.Writer, io.Writer) error {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		fs := cli.NewFlags(stdout, "fieldpatch-agent", name, "--config FILE", about)
+		cfgPath := fs.String("config", "", "device config file")
+		if _, err := cli.ParseFlags(fs, args); err != nil {
+			return err
+		}
+		if *cfgPath == "" {
+			return cli.Usagef("--config FILE is required")
+		}
+		r, _, done, err := openRunner(*cfgPath, stderr)
+		if err != nil {
+			return err
+		}
+		defer done()
+		before, err := r.Load()
+		if err != nil {
+			return cli.Failed(err)
+		}
+		f, err := r.Facts()
+		if err != nil {
+			return cli.Failed(err)
+		}
+		st, err := r.Handle(ctx, agent.Event{Kind: kind, Facts: f})
+		if err == nil && st.Phase == before.Phase && st.Phase != agent.PhaseIdle || err == nil && before.Phase == agent.PhaseIdle {
+			return cli.Failed(fmt.Errorf("nothing to %s in phase %s", name, before.Phase))
+		}
+		return finish(stdout, st, err)
+	}
+}
+
+func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "status", "--config FILE [--json]",
+		`Shows the update in progress (phase, versions, slots) or the last outcome,
+and what the device runs: the booted slot and why, the running version, the
+non-volatile counter and key epoch.`)
+	cfgPath := fs.String("config", "", "device config file")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	cfg, err := agent.LoadConfig(*cfgPath)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	r, closeDev, err := cfg.NewRunner(nil)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer closeDev()
+	st, err := r.Load()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	f, err := r.Facts()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, map[string]any{"device": f, "journal": st})
+	}
+	fmt.Fprintf(stdout, "running   %s in slot %s (boot reason %s; active slot %s)\n", f.RunningVersion, f.Booted, f.BootReason, f.Active)
+	fmt.Fprintf(stdout, "nv        security counter %d, key epoch %d\n", f.NVCounter, f.KeyEpoch)
+	if u := st.Update; u != nil {
+		fmt.Fprintf(stdout, "update    %s: %s -> %s, slot %s -> %s, phase %s", u.ID, u.FromVersion, u.Image.VersionOr(u.Source), u.FromSlot, u.ToSlot, st.Phase)
+		if u.TrialStep != "" {
+			fmt.Fprintf(stdout, " (%s)", u.TrialStep)
+		}
+		fmt.Fprintln(stdout)
+	} else {
+		fmt.Fprintln(stdout, "update    none in progress")
+	}
+	if st.Last != nil {
+		fmt.Fprintf(stdout, "last      %s %s -> %s %s\n", st.Last.Result, st.Last.From, st.Last.To, st.Last.Reason)
+	}
+	return nil
+}

@@ -1,0 +1,165 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/device/boot"
+	"github.com/fieldpatch/fieldpatch/internal/device/slot"
+)
+
+// Config is the device agent's configuration file: the boot side
+// (boot.Config: slots, environment, keys, non-volatile store, hardware
+// class) and where the agent keeps its state and finds its hooks.
+//
+//	{
+//	  "slots": {"a": "/dev/mmcblk0p2", "b": "/dev/mmcblk0p3"},
+//	  "env": {"type": "uboot", "fw_env_config": "/etc/fw_env.config"},
+//	  "keys": [{"path": "/etc/fieldpatch/release.pub.pem"}],
+//	  "nv": "/var/lib/fieldpatch/nv",
+//	  "hw_class": "smartlock-v2",
+//	  "state_dir": "/var/lib/fieldpatch",
+//	  "data_dir": "/var/lib/smartlock",
+//	  "hooks_dir": "/etc/fieldpatch/hooks",
+//	  "hook_timeout": "5m",
+//	  "reboot_command": ["systemctl", "reboot"]
+//	}
+type Config struct {
+	boot.Config
+	// StateDir holds the journal, the staging file and revert material; it
+	// must be on the data partition, shared by both slots' firmware.
+	// Required for updates (not for boot, env and nv).
+	StateDir string `json:"state_dir"`
+	// DataDir is the application's data, snapshotted before migrate-data
+	// when the new firmware has no revert-data hook.
+	DataDir string `json:"data_dir,omitempty"`
+	// HooksDir holds the running firmware's hooks. "{slot}" in it is
+	// replaced by the slot that booted, so each slot's firmware can bring
+	// its own (on a real device the directory is simply inside each slot's
+	// root file system).
+	HooksDir string `json:"hooks_dir,omitempty"`
+	// HookTimeout bounds each hook, as a Go duration ("90s", "5m").
+	HookTimeout string `json:"hook_timeout,omitempty"`
+	// RebootCommand is run to reboot into a trial or after a rollback;
+	// empty, and the agent exits asking for a reboot instead.
+	RebootCommand []string `json:"reboot_command,omitempty"`
+}
+
+// LoadConfig reads and validates an agent config file.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var c Config
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	c.SetBase(filepath.Dir(path))
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// Validate checks the config.
+func (c *Config) Validate() error {
+	errs := []error{c.Config.Validate()}
+	if c.HookTimeout != "" {
+		if d, err := time.ParseDuration(c.HookTimeout); err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("hook_timeout %q: want a positive duration such as 90s or 5m", c.HookTimeout))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// NewRunner opens the device the config describes and makes a runner.
+// The returned function closes the devices.
+func (c *Config) NewRunner(log *slog.Logger) (*Runner, func(), error) {
+	if c.StateDir == "" {
+		return nil, nil, errors.New("state_dir is required for updates: where the journal lives")
+	}
+	dev, closeAll, err := c.Open(false)
+	if err != nil {
+		return nil, nil, err
+	}
+	timeout := DefaultHookTimeout
+	if c.HookTimeout != "" {
+		timeout, _ = time.ParseDuration(c.HookTimeout)
+	}
+	r := &Runner{
+		FS:       slot.OSFS{},
+		StateDir: c.Path(c.StateDir),
+		DataDir:  c.Path(c.DataDir),
+		Device:   dev,
+		NV:       c.NVStore(),
+		Fetcher:  &HTTPFetcher{},
+		OpenSource: func(path string) (io.ReadCloser, error) {
+			return os.Open(path)
+		},
+		Log: log,
+	}
+	hooks := &ExecHooks{Timeout: timeout, Log: log}
+	r.Hooks = &slotHooks{pattern: c.Path(c.HooksDir), hooks: hooks, runner: r}
+	if len(c.RebootCommand) > 0 {
+		cmd := c.RebootCommand
+		r.Reboot = func(ctx context.Context) error {
+			out, err := exec.CommandContext(ctx, cmd[0], cmd[1:]...).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("reboot command %v: %v: %s", cmd, err, out)
+			}
+			return nil
+		}
+	}
+	return r, closeAll, nil
+}
+
+// slotHooks resolves "{slot}" in the hooks directory to the booted slot
+// each time hooks run.
+type slotHooks struct {
+	pattern string
+	hooks   *ExecHooks
+	runner  *Runner
+}
+
+func (s *slotHooks) at() *ExecHooks {
+	h := *s.hooks
+	h.Dir = s.pattern
+	if strings.Contains(s.pattern, "{slot}") {
+		booted := "a"
+		if f, err := s.runner.Facts(); err == nil {
+			booted = f.Booted
+		}
+		h.Dir = strings.ReplaceAll(s.pattern, "{slot}", booted)
+	}
+	return &h
+}
+
+func (s *slotHooks) Run(ctx context.Context, name string, env HookEnv) error {
+	if s.pattern == "" {
+		return nil
+	}
+	return s.at().Run(ctx, name, env)
+}
+
+func (s *slotHooks) SaveRevert(ctx context.Context, path string) (bool, error) {
+	if s.pattern == "" {
+		return false, nil
+	}
+	return s.at().SaveRevert(ctx, path)
+}
+
+func (s *slotHooks) RunSaved(ctx context.Context, path string, env HookEnv) error {
+	return s.hooks.RunSaved(ctx, path, env)
+}

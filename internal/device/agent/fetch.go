@@ -1,0 +1,172 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// HTTPFetcher downloads over HTTP(S) into a file, resuming with a Range
+// request after an interruption. Every CheckpointEvery bytes it fsyncs the
+// file and records the durable length beside it (DST.progress), so that a
+// power cut loses at most that much: on resume the file is cut back to the
+// recorded length and the rest is asked for again.
+type HTTPFetcher struct {
+	Client          *http.Client
+	CheckpointEvery int64 // default 4 MiB
+	MaxSize         int64 // refuse larger downloads; default 4 GiB
+}
+
+type fetchProgress struct {
+	URL    string `json:"url"`
+	Offset int64  `json:"offset"`
+	Done   bool   `json:"done"`
+}
+
+func (f *HTTPFetcher) client() *http.Client {
+	if f.Client != nil {
+		return f.Client
+	}
+	return &http.Client{Timeout: 0, Transport: &http.Transport{
+		ResponseHeaderTimeout: 30 * time.Second,
+		IdleConnTimeout:       90 * time.Second,
+	}}
+}
+
+func readProgress(path string) fetchProgress {
+	var p fetchProgress
+	if b, err := os.ReadFile(path); err == nil {
+		json.Unmarshal(b, &p)
+	}
+	return p
+}
+
+func writeProgress(path string, p fetchProgress) error {
+	b, _ := json.Marshal(p)
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	f, err := os.Open(tmp)
+	if err == nil {
+		f.Sync()
+		f.Close()
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// Fetch downloads url into dst, resuming a previous attempt at the same URL.
+func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, progress func(done, total int64)) error {
+	every := f.CheckpointEvery
+	if every <= 0 {
+		every = 4 << 20
+	}
+	maxSize := f.MaxSize
+	if maxSize <= 0 {
+		maxSize = 4 << 30
+	}
+	progPath := dst + ".progress"
+	p := readProgress(progPath)
+	if p.URL != url {
+		p = fetchProgress{URL: url}
+	}
+	if p.Done {
+		return nil
+	}
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	if err := out.Truncate(p.Offset); err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	if p.Offset > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(p.Offset, 10)+"-")
+	}
+	resp, err := f.client().Do(req)
+	if err != nil {
+		return fmt.Errorf("download %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusPartialContent && p.Offset > 0:
+	case resp.StatusCode == http.StatusOK:
+		if p.Offset > 0 {
+			// The server ignored the range: start over.
+			p.Offset = 0
+			if err := out.Truncate(0); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("download %s: %s", url, resp.Status)
+	}
+	total := int64(-1)
+	if resp.ContentLength >= 0 {
+		total = p.Offset + resp.ContentLength
+		if total > maxSize {
+			return fmt.Errorf("download %s: %d bytes is more than the %d allowed", url, total, maxSize)
+		}
+	}
+	buf := make([]byte, 256<<10)
+	next := p.Offset + every
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			if p.Offset+int64(n) > maxSize {
+				return fmt.Errorf("download %s: more than the %d bytes allowed", url, maxSize)
+			}
+			if _, err := out.WriteAt(buf[:n], p.Offset); err != nil {
+				return err
+			}
+			p.Offset += int64(n)
+			if progress != nil {
+				progress(p.Offset, total)
+			}
+			if p.Offset >= next {
+				if err := out.Sync(); err != nil {
+					return err
+				}
+				if err := writeProgress(progPath, p); err != nil {
+					return err
+				}
+				next = p.Offset + every
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			break
+		}
+		if rerr != nil {
+			out.Sync()
+			writeProgress(progPath, p)
+			return fmt.Errorf("download %s interrupted at %d bytes: %w", url, p.Offset, rerr)
+		}
+	}
+	if total >= 0 && p.Offset != total {
+		return fmt.Errorf("download %s: got %d of %d bytes", url, p.Offset, total)
+	}
+	if err := out.Sync(); err != nil {
+		return err
+	}
+	p.Done = true
+	return writeProgress(progPath, p)
+}
