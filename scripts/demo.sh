@@ -67,42 +67,62 @@ step "8. MCUboot interoperability: an image signed by MCUboot's own imgtool veri
 run "$FP" image verify --key internal/image/testdata/mcuboot/ed25519.pub.pem \
 	internal/image/testdata/imgtool/ed25519-sc5-pad-confirm.bin
 
-step "9. A device: slots a and b, a redundant U-Boot environment, the non-volatile store"
+step "9. A device: slots a and b, a redundant U-Boot environment, the non-volatile store, data and hooks"
 dev="$work/device"
-mkdir -p "$dev"
-cp "$work/smartlock-1.4.2.img" "$dev/slot-a.img" && truncate -s 8M "$dev/slot-a.img"
-truncate -s 8M "$dev/slot-b.img"
+mkdir -p "$dev/data" "$dev/hooks"
+cp "$work/smartlock-1.4.2.img" "$dev/slot-a.img" && truncate -s 32M "$dev/slot-a.img"
+truncate -s 32M "$dev/slot-b.img"
 truncate -s 32K "$dev/env.img"
 printf 'env.img 0x0 0x4000\nenv.img 0x4000 0x4000\n' > "$dev/fw_env.config"
 cp "$work/release-key.pub.pem" "$dev/"
+printf '1\n' > "$dev/data/format"
+printf 'alice\nbob\ncarol\n' > "$dev/data/users.txt"
+# Each slot's firmware brings its own hooks (docs/HOOKS.md): 1.5.0 in slot b
+# migrates users.txt to users.csv and can revert it.
+cp -r docs/examples/hooks/v1 "$dev/hooks/a"
+cp -r docs/examples/hooks/v2 "$dev/hooks/b"
 cat > "$dev/device.json" <<JSON
 {
   "slots": {"a": "slot-a.img", "b": "slot-b.img"},
   "env": {"type": "uboot", "fw_env_config": "fw_env.config"},
   "keys": [{"path": "release-key.pub.pem"}],
   "nv": "nv.bin",
-  "hw_class": "smartlock-v2"
+  "hw_class": "smartlock-v2",
+  "state_dir": "state",
+  "data_dir": "data",
+  "hooks_dir": "hooks/{slot}"
 }
 JSON
 run "$AGENT" nv --config "$dev/device.json" --init
 run "$AGENT" boot --config "$dev/device.json"
 
-step "10. Version 1.5.0 goes into slot b and a trial of 3 attempts is armed"
-dd if="$work/smartlock-1.5.0.img" of="$dev/slot-b.img" conv=notrunc status=none
-run "$AGENT" env --config "$dev/device.json" fp_trial=b fp_trial_left=3
-run "$AGENT" boot --config "$dev/device.json"
+step "10. The agent installs 1.5.0: verify, write slot b while hashing, re-verify, arm a trial"
+run "$AGENT" install --config "$dev/device.json" "$work/smartlock-1.5.0.img" 2>/dev/null
 
-step "11. The new firmware crashes on every boot: attempts run out, the device rolls back by itself"
+step "11. Reboot: the selector boots slot b on trial; the new firmware migrates its data, checks its health, commits"
 run "$AGENT" boot --config "$dev/device.json"
-run "$AGENT" boot --config "$dev/device.json"
-run "$AGENT" boot --config "$dev/device.json"
+run "$AGENT" resume --config "$dev/device.json" 2>/dev/null
+run "$AGENT" status --config "$dev/device.json"
+printf '$ cat data/users.csv\n'; cat "$dev/data/users.csv"
 
-step "12. Slot a is damaged on the flash: the selector falls back to the verified slot b"
-flip "$dev/slot-a.img" 4096
+step "12. A bad 1.6.0 (its health check fails) is installed into slot a, tried, and rolled back"
+"$FP" image build --payload "$AGENT" --version 1.6.0 --security-counter 4 --hw-class smartlock-v2 \
+	--key "$work/release-key.pem" -o "$work/smartlock-1.6.0.img" >/dev/null
+rm -rf "$dev/hooks/a" && cp -r docs/examples/hooks/v2 "$dev/hooks/a"
+printf '#!/bin/sh\necho "1.6.0: service does not answer" >&2\nexit 1\n' > "$dev/hooks/a/health-check"
+run "$AGENT" install --config "$dev/device.json" "$work/smartlock-1.6.0.img" 2>/dev/null
 run "$AGENT" boot --config "$dev/device.json"
+run "$AGENT" resume --config "$dev/device.json" 2>/dev/null
+run "$AGENT" boot --config "$dev/device.json"
+run "$AGENT" resume --config "$dev/device.json" 2>/dev/null
+run "$AGENT" status --config "$dev/device.json"
 
-step "13. Both slots damaged: recovery, never a jump into unverified code"
+step "13. Slot b is damaged on the flash: the selector falls back to the other slot that verifies"
 flip "$dev/slot-b.img" 4096
+run "$AGENT" boot --config "$dev/device.json"
+
+step "14. Both slots damaged: recovery, never a jump into unverified code"
+flip "$dev/slot-a.img" 4096
 expect_refused "$AGENT" boot --config "$dev/device.json"
 
 printf '\n\033[1mdemo complete: every step behaved as it must.\033[0m\n'

@@ -63,7 +63,11 @@ func testPause(p agent.Phase) {
 func finish(stdout io.Writer, st agent.State, err error) error {
 	switch {
 	case errors.Is(err, agent.ErrReboot):
-		fmt.Fprintf(stdout, "phase %s: reboot the device to continue (the boot selector then boots slot %s on trial)\n", st.Phase, st.Update.ToSlot)
+		if st.Phase == agent.PhaseRollingBack {
+			fmt.Fprintf(stdout, "phase %s: data restored and trial cleared; reboot the device to return to slot %s\n", st.Phase, st.Update.FromSlot)
+		} else {
+			fmt.Fprintf(stdout, "phase %s: reboot the device to continue (the boot selector then boots slot %s on trial)\n", st.Phase, st.Update.ToSlot)
+		}
 		return nil
 	case err != nil:
 		return cli.Failed(err)

@@ -195,7 +195,7 @@ func finish(s State, reported bool) (State, []Effect) {
 func retryOr(s State, e Event, again Effect, giveUp func(State, string) (State, []Effect)) (State, []Effect) {
 	u := s.Update
 	why := e.Err
-	if e.Hook != "" {
+	if e.Hook != "" && !strings.Contains(why, e.Hook) {
 		why = e.Hook + " hook: " + why
 	}
 	if e.Retryable && u.Retries < MaxRetries {
