@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"syscall"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
@@ -28,6 +29,7 @@ Usage: fieldpatch-agent COMMAND [flags] [args]
 Commands:
   install    install an update (file or URL): verify, write the inactive slot, arm a trial
   resume     carry on the update the journal holds (run at every boot)
+  run        the daemon: resume, then stay up until stopped
   commit     commit a trial by hand (skipping the remaining health checks)
   rollback   abandon the update: roll a trial back, or cancel one not yet booted
   status     the update in progress, the last outcome, what the device runs
@@ -42,7 +44,7 @@ Commands:
 }
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
@@ -73,6 +75,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runInstall(ctx, args[1:], stdout, stderr)
 	case "resume":
 		err = runResume(ctx, args[1:], stdout, stderr)
+	case "run":
+		err = runDaemon(ctx, args[1:], stdout, stderr)
 	case "commit":
 		err = runRequest(agent.EvCommitRequested, "commit", `Commits a trial now, skipping the health checks that have not run yet:
 the trial slot becomes the active one and the non-volatile counter is raised.`)(ctx, args[1:], stdout, stderr)

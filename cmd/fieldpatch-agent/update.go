@@ -244,3 +244,29 @@ non-volatile counter and key epoch.`)
 	}
 	return nil
 }
+
+func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "run", "--config FILE",
+		`Runs the agent as the device's daemon: carries on whatever the journal says
+(as resume does), then stays up until it is stopped (SIGINT or SIGTERM). The
+update server's link, when configured, makes it check for updates and wait
+for notifications here.`)
+	cfgPath := fs.String("config", "", "device config file")
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	if *cfgPath == "" {
+		return cli.Usagef("--config FILE is required")
+	}
+	r, _, done, err := openRunner(*cfgPath, stderr)
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := r.Start(ctx)
+	if err := finish(stdout, st, err); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return nil
+}
