@@ -256,8 +256,6 @@ func agentBinary(t *testing.T) string {
 // ends.
 func TestKillInEveryPhase(t *testing.T) {
 	bin := agentBinary(t)
-	srv := httptest.NewServer(nil)
-	defer srv.Close()
 	type scenario struct {
 		name    string
 		phases  []agent.Phase
@@ -270,9 +268,8 @@ func TestKillInEveryPhase(t *testing.T) {
 		{"upgrade", []agent.Phase{agent.PhaseVerifying, agent.PhaseInstalling, agent.PhaseArmed, agent.PhaseRebooting,
 			agent.PhaseTrialRunning, agent.PhaseCommitting, agent.PhaseCommitted, agent.PhaseReporting}, fromFile, agent.ResultCommitted, "2.0.0"},
 		{"download", []agent.Phase{agent.PhaseDownloading}, func(d *fileDevice) string {
-			mux := http.NewServeMux()
-			mux.HandleFunc("/v2.img", func(w http.ResponseWriter, r *http.Request) { http.ServeFile(w, r, d.v2) })
-			srv.Config.Handler = mux
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { http.ServeFile(w, r, d.v2) }))
+			d.t.Cleanup(srv.Close)
 			return srv.URL + "/v2.img"
 		}, agent.ResultCommitted, "2.0.0"},
 		{"failed health check", []agent.Phase{agent.PhaseRollingBack, agent.PhaseRolledBack}, func(d *fileDevice) string {
