@@ -15,7 +15,10 @@
 // run one InstallImage), from the kernel's rusage of the child. Target: at
 // most 16 MiB.
 //
-// The agent daemon's idle RSS is not measured here.
+// It also prints every run, the best run of each side, the children's CPU
+// times and bytes read from storage, and the install's fsync time, which
+// say where the time goes. The agent daemon's idle RSS is measured by
+// bench/agentidle.
 package main
 
 import (
@@ -57,13 +60,11 @@ func main() {
 	runs := flag.Int("runs", 5, "timed runs of each side; the median counts")
 	sizeMiB := flag.Int64("size", 256, "MiB of image payload")
 	slotMiB := flag.Int64("slot-size", 320, "MiB of the slot file")
-	experiment := flag.Bool("experiment", false, "also time the diagnostic variants of experiment.go (copy without hashing, pipelined install)")
 	child := flag.Bool(childFlag, false, "internal: install SRC into SLOT with the key PUBKEY, once, and exit")
-	variant := flag.String("child-variant", variantInstall, "internal: what the child runs")
 	flag.Usage = usage
 	flag.Parse()
 	if *child {
-		if err := runChild(*variant, flag.Args()); err != nil {
+		if err := runChild(flag.Args()); err != nil {
 			fmt.Fprintln(os.Stderr, "installslot child:", err)
 			os.Exit(1)
 		}
@@ -73,7 +74,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "installslot: want -runs >= 1, -size >= 1 and -slot-size > -size")
 		os.Exit(2)
 	}
-	if err := run(*dir, *runs, *sizeMiB<<20, *slotMiB<<20, *experiment); err != nil {
+	if err := run(*dir, *runs, *sizeMiB<<20, *slotMiB<<20); err != nil {
 		fmt.Fprintln(os.Stderr, "installslot:", err)
 		os.Exit(1)
 	}
@@ -86,7 +87,11 @@ func usage() {
 		if strings.HasPrefix(f.Name, "child-") {
 			return
 		}
-		fmt.Fprintf(out, "  -%s\n    \t%s (default %q)\n", f.Name, f.Usage, f.DefValue)
+		def := ""
+		if f.DefValue != "" && f.DefValue != "false" {
+			def = " (default " + f.DefValue + ")"
+		}
+		fmt.Fprintf(out, "  -%s\n    \t%s%s\n", f.Name, f.Usage, def)
 	})
 }
 
@@ -94,10 +99,14 @@ func usage() {
 type sample struct {
 	wall   time.Duration // parent's view: start to exit of the child
 	inside time.Duration // the child's own timing of the operation (0 for dd)
+	sync   time.Duration // of which the final fsync (0 for dd)
+	user   time.Duration // CPU time of the child in user mode
+	sys    time.Duration // and in the kernel
+	inDisk int64         // bytes the child read from storage
 	maxRSS int64         // bytes
 }
 
-func run(dir string, runs int, size, slotSize int64, experiment bool) error {
+func run(dir string, runs int, size, slotSize int64) error {
 	ctx := context.Background()
 	if dir == "" {
 		d, err := os.MkdirTemp("", "fieldpatch-bench")
@@ -155,8 +164,8 @@ func run(dir string, runs int, size, slotSize int64, experiment bool) error {
 	ddCmd := func() *exec.Cmd {
 		return exec.Command(dd, "if="+img, "of="+slotPath, "bs=4M", "conv=fsync,notrunc", "status=none")
 	}
-	installCmd := func(variant string) *exec.Cmd {
-		return exec.Command(self, "-"+childFlag, "-child-variant", variant, img, slotPath, pubPath)
+	installCmd := func() *exec.Cmd {
+		return exec.Command(self, "-"+childFlag, img, slotPath, pubPath)
 	}
 
 	sides := []struct {
@@ -164,15 +173,7 @@ func run(dir string, runs int, size, slotSize int64, experiment bool) error {
 		cmd  func() *exec.Cmd
 	}{
 		{"dd", ddCmd},
-		{"install", func() *exec.Cmd { return installCmd(variantInstall) }},
-	}
-	if experiment {
-		for _, v := range experimentVariants {
-			sides = append(sides, struct {
-				name string
-				cmd  func() *exec.Cmd
-			}{v, func() *exec.Cmd { return installCmd(v) }})
-		}
+		{"install", installCmd},
 	}
 	samples := make([][]sample, len(sides))
 	for i := 0; i < runs; i++ {
@@ -183,13 +184,21 @@ func run(dir string, runs int, size, slotSize int64, experiment bool) error {
 				return fmt.Errorf("%s, run %d: %w", s.name, i+1, err)
 			}
 			samples[j] = append(samples[j], smp)
-			fmt.Printf("run %d %-10s %v\n", i+1, s.name, smp.wall.Round(time.Millisecond))
+			fmt.Printf("run %d %-14s %v\n", i+1, s.name, smp.wall.Round(time.Millisecond))
 		}
 	}
-	// The slot must hold the image: the last writer was an install (or a
-	// variant), so a read back proves the measured path wrote it all.
-	if err := checkSlot(ctx, slotPath, key.Public()); err != nil {
-		return err
+	// dd leaves the same bytes in the slot, so check each install path on
+	// its own: zero the slot, run it once more (untimed), read the slot back.
+	for _, s := range sides[1:] {
+		if err := allocate(slotPath, slotSize); err != nil {
+			return err
+		}
+		if _, err := timeChild(s.cmd()); err != nil {
+			return fmt.Errorf("%s, check run: %w", s.name, err)
+		}
+		if err := checkSlot(ctx, slotPath, key.Public()); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
 	}
 
 	ddMed := median(samples[0], func(s sample) time.Duration { return s.wall })
@@ -209,18 +218,38 @@ func run(dir string, runs int, size, slotSize int64, experiment bool) error {
 	}
 	fmt.Printf("\ninstalling a %.1f MiB image into a %d MiB slot file, median of %d, %s\n\n",
 		float64(imgLen)/(1<<20), slotSize>>20, runs, cache)
-	fmt.Printf("| what | median | MiB/s | vs dd | peak RSS |\n|---|---|---|---|---|\n")
-	fmt.Printf("| dd bs=4M conv=fsync (floor) | %v | %.0f | 1.00x | %.1f MiB |\n",
-		ddMed.Round(time.Millisecond), mibps(ddMed), mib(maxOf(samples[0])))
-	fmt.Printf("| agent.InstallImage (child process) | %v | %.0f | %.2fx | %.1f MiB |\n",
-		inMed.Round(time.Millisecond), mibps(inMed), ratio, mib(peak))
-	for j := 2; j < len(sides); j++ {
-		m := median(samples[j], func(s sample) time.Duration { return s.wall })
-		fmt.Printf("| experiment: %s | %v | %.0f | %.2fx | %.1f MiB |\n",
-			sides[j].name, m.Round(time.Millisecond), mibps(m), m.Seconds()/ddMed.Seconds(), mib(maxOf(samples[j])))
+	ms := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+	wall := func(s sample) time.Duration { return s.wall }
+	fmt.Printf("| what | median | MiB/s | vs dd | best | CPU user | CPU sys | read from disk | peak RSS |\n")
+	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
+	unsteady := false
+	for j, sd := range sides {
+		name := sd.name
+		if j == 0 {
+			name = "dd bs=4M conv=fsync (floor)"
+		} else {
+			name = "agent.InstallImage (child process)"
+		}
+		m := median(samples[j], wall)
+		lo, hi := slices.MinFunc(samples[j], cmpWall).wall, slices.MaxFunc(samples[j], cmpWall).wall
+		if j < 2 && hi > lo*3/2 {
+			unsteady = true
+		}
+		fmt.Printf("| %s | %v | %.0f | %.2fx | %v | %v | %v | %.1f MiB | %.1f MiB |\n",
+			name, ms(m), mibps(m), m.Seconds()/ddMed.Seconds(), ms(lo),
+			ms(median(samples[j], func(s sample) time.Duration { return s.user })),
+			ms(median(samples[j], func(s sample) time.Duration { return s.sys })),
+			mib(median(samples[j], func(s sample) int64 { return s.inDisk })),
+			mib(maxOf(samples[j])))
+	}
+	ddBest, inBest := slices.MinFunc(samples[0], cmpWall).wall, slices.MinFunc(samples[1], cmpWall).wall
+	fmt.Printf("\nbest against best: install %.2fx dd\n", inBest.Seconds()/ddBest.Seconds())
+	if unsteady {
+		fmt.Printf("NOTE: the slowest run of dd or of the install took over 1.5x its fastest: the medians\n" +
+			"are unsteady on this machine (see the system CPU times below and bench/README.md).\n")
 	}
 
-	fmt.Printf("\neach run (wall time of the child process; in brackets, the child's own timing of the operation)\n\n")
+	fmt.Printf("\neach run: wall time of the child process (its system CPU time; for the install, the final fsync's share)\n\n")
 	fmt.Printf("| run |")
 	for _, s := range sides {
 		fmt.Printf(" %s |", s.name)
@@ -229,16 +258,14 @@ func run(dir string, runs int, size, slotSize int64, experiment bool) error {
 	for i := 0; i < runs; i++ {
 		fmt.Printf("| %d |", i+1)
 		for j := range sides {
-			s := samples[j][i]
-			if s.inside > 0 {
-				fmt.Printf(" %v (%v) |", s.wall.Round(time.Millisecond), s.inside.Round(time.Millisecond))
+			if s := samples[j][i]; s.inside > 0 {
+				fmt.Printf(" %v (sys %v, fsync %v) |", ms(s.wall), ms(s.sys), ms(s.sync))
 			} else {
-				fmt.Printf(" %v |", s.wall.Round(time.Millisecond))
+				fmt.Printf(" %v (sys %v) |", ms(s.wall), ms(s.sys))
 			}
 		}
 		fmt.Println()
 	}
-
 	fmt.Printf("\ntargets: install <= %.2fx dd: %s (%.2fx); peak RSS <= %d MiB: %s (%.1f MiB)\n",
 		maxRatio, verdict(okRatio), ratio, maxRSS>>20, verdict(okRSS), mib(peak))
 	if !cold {
@@ -257,6 +284,8 @@ func verdict(ok bool) string {
 	return "MISSED"
 }
 
+func cmpWall(a, b sample) int { return int(a.wall - b.wall) }
+
 func mib(b int64) float64 { return float64(b) / (1 << 20) }
 
 func maxOf(s []sample) int64 {
@@ -267,10 +296,10 @@ func maxOf(s []sample) int64 {
 	return m
 }
 
-// median of the durations f picks out of s (the mean of the middle two for
-// an even count).
-func median(s []sample, f func(sample) time.Duration) time.Duration {
-	d := make([]time.Duration, len(s))
+// median of the values f picks out of s (the mean of the middle two for an
+// even count).
+func median[T ~int64](s []sample, f func(sample) T) T {
+	d := make([]T, len(s))
 	for i, x := range s {
 		d[i] = f(x)
 	}
@@ -332,8 +361,9 @@ func dropCaches() error {
 	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
 }
 
-// timeChild runs cmd and returns its wall time, its own timing (a duration
-// in nanoseconds it prints on stdout, if any) and its peak RSS.
+// timeChild runs cmd and returns its wall time, its CPU time, its peak RSS
+// and its own timings (the operation and its fsync, in nanoseconds on
+// stdout, if it prints them).
 func timeChild(cmd *exec.Cmd) (sample, error) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -347,12 +377,19 @@ func timeChild(cmd *exec.Cmd) (sample, error) {
 		return sample{}, errors.New("no rusage on this system")
 	}
 	s.maxRSS = ru.Maxrss * 1024 // Linux reports KiB
-	if out := strings.TrimSpace(stdout.String()); out != "" {
-		ns, err := strconv.ParseInt(out, 10, 64)
-		if err != nil {
-			return sample{}, fmt.Errorf("child printed %q, want nanoseconds", out)
+	s.inDisk = ru.Inblock * 512
+	s.user, s.sys = time.Duration(ru.Utime.Nano()), time.Duration(ru.Stime.Nano())
+	if out := strings.Fields(stdout.String()); len(out) > 0 {
+		if len(out) != 2 {
+			return sample{}, fmt.Errorf("child printed %q, want two durations in nanoseconds", stdout.String())
 		}
-		s.inside = time.Duration(ns)
+		for i, p := range []*time.Duration{&s.inside, &s.sync} {
+			ns, err := strconv.ParseInt(out[i], 10, 64)
+			if err != nil {
+				return sample{}, fmt.Errorf("child printed %q, want two durations in nanoseconds", stdout.String())
+			}
+			*p = time.Duration(ns)
+		}
 	}
 	return s, nil
 }
@@ -370,11 +407,9 @@ func checkSlot(ctx context.Context, path string, pub crypto.PublicKey) error {
 	return nil
 }
 
-const variantInstall = "install"
-
 // runChild installs one image: args are SRC SLOT PUBKEY. It prints the
 // duration of the operation alone, in nanoseconds.
-func runChild(variant string, args []string) error {
+func runChild(args []string) error {
 	if len(args) != 3 {
 		return fmt.Errorf("want SRC SLOT PUBKEY, got %q", args)
 	}
@@ -398,17 +433,26 @@ func runChild(variant string, args []string) error {
 	}
 	keys := []crypto.PublicKey{pub}
 	ctx := context.Background()
+	// Only the final Sync is timed on its own; writes go straight through.
+	timed := &syncTimer{Device: dst}
 
 	start := time.Now()
-	switch variant {
-	case variantInstall:
-		_, err = agent.InstallImage(ctx, src, dst, keys, fi.Size(), nil)
-	default:
-		err = runExperiment(ctx, variant, src, dst, keys, fi.Size())
-	}
-	if err != nil {
+	if _, err = agent.InstallImage(ctx, src, timed, keys, fi.Size(), nil); err != nil {
 		return err
 	}
-	fmt.Println(time.Since(start).Nanoseconds())
+	fmt.Println(time.Since(start).Nanoseconds(), timed.sync.Nanoseconds())
 	return nil
+}
+
+// syncTimer is a slot that times its Sync calls.
+type syncTimer struct {
+	slot.Device
+	sync time.Duration
+}
+
+func (d *syncTimer) Sync() error {
+	start := time.Now()
+	err := d.Device.Sync()
+	d.sync += time.Since(start)
+	return err
 }
