@@ -142,12 +142,23 @@ func isURL(s string) bool {
 }
 
 func runResume(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := cli.NewFlags(stdout, "fieldpatch-agent", "resume", "--config FILE",
-		`Carries on whatever the journal says, from what booted: run it at every
+	return resume(ctx, args, stdout, stderr, "resume", `Carries on whatever the journal says, from what booted: run it at every
 boot (a systemd unit does). On a trial boot it prepares the revert material,
 runs migrate-data and health-check, and commits or rolls back; back on the
 old slot after a failed trial it restores the data and reports the rollback;
-interrupted downloads and installs continue.`)
+interrupted downloads and installs continue.`, false)
+}
+
+func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return resume(ctx, args, stdout, stderr, "run", `Runs the agent as the device's daemon: carries on whatever the journal says
+(as resume does), then stays up until it is stopped (SIGINT or SIGTERM). The
+update server's link, when configured, makes it check for updates and wait
+for notifications here.`, true)
+}
+
+// resume carries on the journal; stay keeps the process up afterwards.
+func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, about string, stay bool) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", name, "--config FILE", about)
 	cfgPath := fs.String("config", "", "device config file")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
@@ -161,7 +172,11 @@ interrupted downloads and installs continue.`)
 	}
 	defer done()
 	st, err := r.Start(ctx)
-	return finish(stdout, st, err)
+	if err := finish(stdout, st, err); err != nil || !stay {
+		return err
+	}
+	<-ctx.Done()
+	return nil
 }
 
 func runRequest(kind agent.EventKind, name, about string) func(context.Context, []string, io.Writer, io.Writer) error {
@@ -242,31 +257,5 @@ non-volatile counter and key epoch.`)
 	if st.Last != nil {
 		fmt.Fprintf(stdout, "last      %s %s -> %s %s\n", st.Last.Result, st.Last.From, st.Last.To, st.Last.Reason)
 	}
-	return nil
-}
-
-func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := cli.NewFlags(stdout, "fieldpatch-agent", "run", "--config FILE",
-		`Runs the agent as the device's daemon: carries on whatever the journal says
-(as resume does), then stays up until it is stopped (SIGINT or SIGTERM). The
-update server's link, when configured, makes it check for updates and wait
-for notifications here.`)
-	cfgPath := fs.String("config", "", "device config file")
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	if *cfgPath == "" {
-		return cli.Usagef("--config FILE is required")
-	}
-	r, _, done, err := openRunner(*cfgPath, stderr)
-	if err != nil {
-		return err
-	}
-	defer done()
-	st, err := r.Start(ctx)
-	if err := finish(stdout, st, err); err != nil {
-		return err
-	}
-	<-ctx.Done()
 	return nil
 }

@@ -81,19 +81,7 @@ func copyTree(fsys slot.FS, src, dst string) error {
 		if err != nil {
 			return err
 		}
-		f, err := fsys.Create(d)
-		if err != nil {
-			return err
-		}
-		if _, err := f.Write(b); err != nil {
-			f.Close()
-			return err
-		}
-		if err := f.Sync(); err != nil {
-			f.Close()
-			return err
-		}
-		if err := f.Close(); err != nil {
+		if err := slot.WriteFileSynced(fsys, d, b); err != nil {
 			return err
 		}
 	}

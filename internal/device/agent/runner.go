@@ -472,18 +472,6 @@ func (r *Runner) verifyFile(ctx context.Context, path string) (*ImageInfo, error
 	return infoOf(img), nil
 }
 
-// slotWriter writes sequentially into a slot.
-type slotWriter struct {
-	d   slot.Device
-	off int64
-}
-
-func (w *slotWriter) Write(p []byte) (int, error) {
-	n, err := w.d.WriteAt(p, w.off)
-	w.off += int64(n)
-	return n, err
-}
-
 // install streams the staged image into the inactive slot, verifying it on
 // the way (one pass: the hash is computed from the bytes being written),
 // and syncs the slot.
@@ -519,20 +507,132 @@ func (r *Runner) install(ctx context.Context, u *Update) error {
 }
 
 // InstallImage streams an image from src into a slot, verifying it in the
-// same pass (the hash is computed from the bytes being written), and syncs
-// the slot: one read of the source, one write of the slot, constant memory.
-// total, if known, is the image length for progress reports.
+// same pass, and syncs the slot: one read of the source, one write of the
+// slot, constant memory. Reading, hashing and writing overlap: a reader
+// fills 256 KiB buffers, the verifier hashes them, and a writer writes each
+// buffer once the verifier has consumed it, at offsets aligned to the buffer
+// size (unaligned writes would make the kernel read slot pages back first).
+// Exactly the bytes the verifier read are written, up to the end of the
+// image. total, if known, is the image length for progress reports.
 func InstallImage(ctx context.Context, src io.Reader, dst slot.Device, keys []crypto.PublicKey, total int64, progress func(done, total int64)) (*image.Image, error) {
-	w := &slotWriter{d: dst}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	free := make(chan []byte, installBuffers)
+	for i := 0; i < installBuffers; i++ {
+		free <- make([]byte, installBufSize)
+	}
+	filled := make(chan chunk, installBuffers)
+	toWrite := make(chan chunk, installBuffers)
+
+	go func() { // reader
+		defer close(filled)
+		for {
+			var b []byte
+			select {
+			case b = <-free:
+			case <-ctx.Done():
+				return
+			}
+			n, err := io.ReadFull(src, b)
+			if err == io.ErrUnexpectedEOF {
+				err = io.EOF
+			}
+			select {
+			case filled <- chunk{b, n, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	werr := make(chan error, 1)
+	go func() { // writer
+		var off int64
+		var err error
+		for c := range toWrite {
+			if err == nil && c.n > 0 {
+				_, err = dst.WriteAt(c.b[:c.n], off)
+				off += int64(c.n)
+				if err != nil {
+					cancel()
+				}
+			}
+			free <- c.b
+		}
+		werr <- err
+	}()
+
+	cr := &chunkReader{ctx: ctx, filled: filled, toWrite: toWrite}
 	opts := image.ReadOptions{Trailer: image.TrailerIgnore}
 	if progress != nil && total > 0 {
 		opts.Progress = func(done, _ int64) { progress(done, total) }
 	}
-	img, _, err := image.ReadVerify(ctx, io.TeeReader(src, w), keys, opts)
-	if err != nil {
-		return nil, err
+	img, _, verr := image.ReadVerify(ctx, cr, keys, opts)
+	cr.flush()
+	close(toWrite)
+	if err := <-werr; err != nil {
+		return nil, fmt.Errorf("write slot: %w", err)
+	}
+	if verr != nil {
+		return nil, verr
 	}
 	return img, dst.Sync()
+}
+
+const (
+	installBufSize = 256 << 10
+	installBuffers = 4
+)
+
+type chunk struct {
+	b   []byte
+	n   int
+	err error // io.EOF after the last bytes of the source, or a read error
+}
+
+// chunkReader serves the reader's buffers to the verifier and hands each
+// one to the writer once it has been consumed.
+type chunkReader struct {
+	ctx     context.Context
+	filled  <-chan chunk
+	toWrite chan<- chunk
+	cur     chunk
+	pos     int
+	have    bool
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for !r.have || r.pos == r.cur.n {
+		if r.have {
+			r.toWrite <- chunk{b: r.cur.b, n: r.cur.n}
+			r.have = false
+			if r.cur.err != nil {
+				return 0, r.cur.err
+			}
+		}
+		select {
+		case c, ok := <-r.filled:
+			if !ok {
+				return 0, io.ErrUnexpectedEOF
+			}
+			r.cur, r.pos, r.have = c, 0, true
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
+	n := copy(p, r.cur.b[r.pos:r.cur.n])
+	r.pos += n
+	return n, nil
+}
+
+// flush hands the consumed part of the current buffer to the writer.
+func (r *chunkReader) flush() {
+	if r.have {
+		r.toWrite <- chunk{b: r.cur.b, n: r.pos}
+		r.have = false
+	}
 }
 
 // arm re-reads the slot, verifies the image there and judges it again from

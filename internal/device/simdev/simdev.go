@@ -116,7 +116,7 @@ const (
 )
 
 // SlotSize is the size of each virtual slot.
-const SlotSize = 256 << 10
+const SlotSize = 1 << 20
 
 // New makes a factory-fresh device: firmware v1 committed in slot a, its
 // data in format v1.DataFormat, the non-volatile counter at v1's counter.

@@ -29,7 +29,7 @@ func keys() []boot.TrustedKey { return []boot.TrustedKey{{Key: testKey.Public(),
 
 func firmware(t testing.TB, b Behavior, counter uint32) []byte {
 	t.Helper()
-	p := Payload(b, 48<<10)
+	p := Payload(b, 300<<10) // two slot writes (256 KiB buffers): cuts land inside each
 	var out bytes.Buffer
 	if _, err := image.Build(context.Background(), &out, bytes.NewReader(p), int64(len(p)), image.BuildOptions{
 		Version: b.Version, SecurityCounter: &counter, HWClass: "lock", Signers: []crypto.Signer{testKey},

@@ -47,7 +47,19 @@ type File interface {
 // directory.
 func WriteFileAtomic(fsys FS, name string, data []byte) error {
 	tmp := name + ".tmp"
-	f, err := fsys.Create(tmp)
+	if err := WriteFileSynced(fsys, tmp, data); err != nil {
+		return err
+	}
+	if err := fsys.Rename(tmp, name); err != nil {
+		return err
+	}
+	return fsys.SyncDir(filepath.Dir(name))
+}
+
+// WriteFileSynced creates (or truncates) name, writes data and fsyncs it.
+// The directory entry is not synced: see WriteFileAtomic.
+func WriteFileSynced(fsys FS, name string, data []byte) error {
+	f, err := fsys.Create(name)
 	if err != nil {
 		return err
 	}
@@ -59,13 +71,7 @@ func WriteFileAtomic(fsys FS, name string, data []byte) error {
 		f.Close()
 		return err
 	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := fsys.Rename(tmp, name); err != nil {
-		return err
-	}
-	return fsys.SyncDir(filepath.Dir(name))
+	return f.Close()
 }
 
 // OSFS is the real file system.
