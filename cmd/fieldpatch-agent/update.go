@@ -117,7 +117,7 @@ it can be refused before anything is downloaded.`)
 	}
 	defer done()
 	src := pos[0]
-	if !isURL(src) {
+	if !agent.IsURL(src) {
 		if src, err = filepath.Abs(src); err != nil {
 			return cli.Failed(err)
 		}
@@ -137,9 +137,6 @@ it can be refused before anything is downloaded.`)
 	return finish(stdout, st, err)
 }
 
-func isURL(s string) bool {
-	return len(s) > 8 && (s[:7] == "http://" || s[:8] == "https://")
-}
 
 func runResume(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return resume(ctx, args, stdout, stderr, "resume", `Carries on whatever the journal says, from what booted: run it at every

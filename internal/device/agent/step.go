@@ -232,14 +232,16 @@ func begin(s State, e Event) (State, []Effect) {
 			return fail(s, "refused from the offer: "+why)
 		}
 	}
-	if isURL(e.Source) {
+	if IsURL(e.Source) {
 		return to(s, PhaseDownloading, Effect{Kind: FxDownload})
 	}
 	s.Update.Staged = e.Source
 	return to(s, PhaseVerifying, Effect{Kind: FxVerify})
 }
 
-func isURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") }
+// IsURL says whether an install source is downloaded (http, https) rather
+// than a local file.
+func IsURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") }
 
 // judge says why an image (or offer) must not be installed on a device, or "".
 func judge(f Facts, version string, counter uint32, hasCounter bool, hw string, downgrade bool) string {

@@ -1,0 +1,81 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A download cut off mid-way resumes with a Range request from the last
+// durable checkpoint, and the file ends up whole.
+func TestFetchResumes(t *testing.T) {
+	content := bytes.Repeat([]byte("0123456789abcdef"), 64<<10) // 1 MiB
+	var calls atomic.Int32
+	var ranges []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/fw.img" {
+			http.NotFound(w, r)
+			return
+		}
+		n := calls.Add(1)
+		ranges = append(ranges, r.Header.Get("Range"))
+		if n == 1 {
+			// Send 600 KiB and drop the connection.
+			w.Header().Set("Content-Length", "1048576")
+			w.WriteHeader(http.StatusOK)
+			w.Write(content[:600<<10])
+			hj, _ := w.(http.Hijacker)
+			conn, _, _ := hj.Hijack()
+			conn.Close()
+			return
+		}
+		http.ServeContent(w, r, "fw.img", time.Time{}, bytes.NewReader(content))
+	}))
+	defer srv.Close()
+	dst := filepath.Join(t.TempDir(), "staging.img")
+	f := &HTTPFetcher{CheckpointEvery: 256 << 10}
+	err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil)
+	if err == nil || !strings.Contains(err.Error(), "interrupted") {
+		t.Fatalf("first fetch: %v", err)
+	}
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(dst)
+	if !bytes.Equal(got, content) {
+		t.Fatalf("downloaded %d bytes, differing from the %d served", len(got), len(content))
+	}
+	if len(ranges) != 2 || !strings.HasPrefix(ranges[1], "bytes=") || ranges[1] == "bytes=0-" {
+		t.Fatalf("second request's range %q: the download did not resume", ranges)
+	}
+	// Done: a third fetch of the same URL does nothing.
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil); err != nil || calls.Load() != 2 {
+		t.Fatalf("fetch after completion: %v, %d calls", err, calls.Load())
+	}
+	// A server that refuses: a clear error naming the status.
+	if err := f.Fetch(context.Background(), srv.URL+"/missing", filepath.Join(t.TempDir(), "x"), nil); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+// A download larger than allowed is refused (endless data).
+func TestFetchRefusesEndlessData(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for i := 0; i < 100; i++ {
+			w.Write(make([]byte, 64<<10))
+		}
+	}))
+	defer srv.Close()
+	f := &HTTPFetcher{MaxSize: 1 << 20}
+	err := f.Fetch(context.Background(), srv.URL, filepath.Join(t.TempDir(), "x"), nil)
+	if err == nil || !strings.Contains(err.Error(), "allowed") {
+		t.Fatalf("endless download: %v", err)
+	}
+}
