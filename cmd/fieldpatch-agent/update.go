@@ -137,7 +137,6 @@ it can be refused before anything is downloaded.`)
 	return finish(stdout, st, err)
 }
 
-
 func runResume(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return resume(ctx, args, stdout, stderr, "resume", `Carries on whatever the journal says, from what booted: run it at every
 boot (a systemd unit does). On a trial boot it prepares the revert material,
