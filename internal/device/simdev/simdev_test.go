@@ -242,6 +242,7 @@ func runCampaign(t *testing.T, seed uint64, fw2 Behavior, want string) {
 
 	cutsPerArea := map[string]int{}
 	finals := map[string]int{}
+	bricked, wrongImage, unreadable := 0, 0, 0
 	for i, c := range cuts {
 		d, err := New(v1, keys(), "lock")
 		if err != nil {
@@ -257,6 +258,16 @@ func runCampaign(t *testing.T, seed uint64, fw2 Behavior, want string) {
 		}
 		if i < total {
 			cutsPerArea[area]++
+		}
+		for _, b := range d.Boots {
+			switch {
+			case b.Result == Recovery:
+				bricked++
+			case b.Decision.Boot != "" && b.Counter < b.NVCounter:
+				wrongImage++
+			case b.Result == Running && !b.DataOK:
+				unreadable++
+			}
 		}
 		func() {
 			defer func() {
@@ -285,7 +296,7 @@ func runCampaign(t *testing.T, seed uint64, fw2 Behavior, want string) {
 	for _, a := range slotAreas(perArea) {
 		fmt.Fprintf(&b, "%s %d  ", a, cutsPerArea[a])
 	}
-	fmt.Fprintf(&b, "\n  bricked: 0, wrong-image boots: 0, final states: %v", finals)
+	fmt.Fprintf(&b, "\n  bricked: %d, wrong-image boots: %d, runs on unreadable data: %d, final states: %v", bricked, wrongImage, unreadable, finals)
 	t.Log(b.String())
 }
 
