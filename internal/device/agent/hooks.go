@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -116,6 +117,10 @@ func (h *ExecHooks) exec(ctx context.Context, path string, env HookEnv) error {
 	cmd := exec.CommandContext(ctx, path)
 	cmd.Env = append(os.Environ(), env.Vars()...)
 	cmd.Dir = filepath.Dir(path)
+	// The hook and everything it starts form one process group, killed
+	// together at the timeout.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = time.Second
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
