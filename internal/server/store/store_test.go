@@ -1,0 +1,183 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+)
+
+func open(t *testing.T, path string) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func ids() func() string {
+	n := 0
+	return func() string { n++; return fmt.Sprintf("u%d", n) }
+}
+
+func setup(t *testing.T) (*Store, context.Context, string) {
+	t.Helper()
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "fieldpatch.db")
+	s := open(t, path)
+	for _, d := range []struct {
+		id     string
+		groups []string
+	}{{"lock-1", []string{"lab"}}, {"lock-2", []string{"lab"}}, {"lock-3", nil}, {"thermo-1", []string{"lab"}}} {
+		if err := s.AddDevice(ctx, d.id, d.groups); err != nil {
+			t.Fatal(err)
+		}
+		hw := "smartlock-v2"
+		if strings.HasPrefix(d.id, "thermo") {
+			hw = "thermostat"
+		}
+		if err := s.CheckIn(ctx, d.id, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: hw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sum := strings.Repeat("ab", 32)
+	if err := s.AddRelease(ctx, Release{ID: "lock-2.0.0", Version: "2.0.0", HWClass: "smartlock-v2", SecurityCounter: 2, SHA256: sum, Length: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	return s, ctx, path
+}
+
+func TestOfferLifecycle(t *testing.T) {
+	s, ctx, _ := setup(t)
+	next := ids()
+	if u, _, _, err := s.Offer(ctx, "lock-1", next); err != nil || u != nil {
+		t.Fatalf("offer before any assignment: %+v %v", u, err)
+	}
+	if err := s.Assign(ctx, "r1", "lock-2.0.0", "group", "lab", false); err != nil {
+		t.Fatal(err)
+	}
+	u, rel, _, err := s.Offer(ctx, "lock-1", next)
+	if err != nil || u == nil || rel.Version != "2.0.0" || u.Status != StatusOffered {
+		t.Fatalf("offer: %+v %+v %v", u, rel, err)
+	}
+	// Offered again while in progress: the same update.
+	if u2, _, _, _ := s.Offer(ctx, "lock-1", next); u2 == nil || u2.ID != u.ID {
+		t.Fatalf("second offer %+v, want update %s", u2, u.ID)
+	}
+	// Not for other hardware in the group, nor for devices outside it.
+	if u3, _, _, _ := s.Offer(ctx, "thermo-1", next); u3 != nil {
+		t.Errorf("a thermostat was offered a lock release")
+	}
+	if u3, _, _, _ := s.Offer(ctx, "lock-3", next); u3 != nil {
+		t.Errorf("a device outside the group was offered it")
+	}
+	// Reports: idempotent, applied to the update.
+	rep := proto.Report{ReportID: "rep-1", UpdateID: u.ID, Status: proto.StatusDownloading, Progress: 0.5}
+	if stored, err := s.RecordReport(ctx, "lock-1", rep); err != nil || !stored {
+		t.Fatalf("report: %v %v", stored, err)
+	}
+	if stored, err := s.RecordReport(ctx, "lock-1", rep); err != nil || stored {
+		t.Fatalf("the same report again: stored %v %v", stored, err)
+	}
+	// A device cannot report on another's update.
+	if _, err := s.RecordReport(ctx, "lock-2", proto.Report{ReportID: "x", UpdateID: u.ID, Status: proto.StatusCommitted}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("lock-2 reporting on lock-1's update: %v", err)
+	}
+	if _, err := s.RecordReport(ctx, "lock-1", proto.Report{ReportID: "rep-2", UpdateID: u.ID, Status: proto.StatusRolledBack, Reason: "health-check failed"}); err != nil {
+		t.Fatal(err)
+	}
+	// Rolled back: not offered again...
+	if u4, _, _, _ := s.Offer(ctx, "lock-1", next); u4 != nil {
+		t.Fatalf("a rolled-back release was offered again: %+v", u4)
+	}
+	ups, _ := s.Updates(ctx, "lock-1")
+	if len(ups) != 1 || ups[0].Status != proto.StatusRolledBack || ups[0].Reason != "health-check failed" {
+		t.Fatalf("updates %+v", ups)
+	}
+	// ... until an operator retries it.
+	if err := s.Retry(ctx, "lock-1", "lock-2.0.0"); err != nil {
+		t.Fatal(err)
+	}
+	if u5, _, _, _ := s.Offer(ctx, "lock-1", next); u5 == nil || u5.ID == u.ID {
+		t.Fatalf("after retry: %+v", u5)
+	}
+	// A final status is never overwritten by a late progress report.
+	u6, _, _, _ := s.Offer(ctx, "lock-2", next)
+	s.RecordReport(ctx, "lock-2", proto.Report{ReportID: "a", UpdateID: u6.ID, Status: proto.StatusCommitted})
+	s.RecordReport(ctx, "lock-2", proto.Report{ReportID: "b", UpdateID: u6.ID, Status: proto.StatusDownloading})
+	if ups, _ := s.Updates(ctx, "lock-2"); ups[0].Status != proto.StatusCommitted {
+		t.Fatalf("status %s after a late report", ups[0].Status)
+	}
+}
+
+// A commit failure: nothing is stored, the caller gets the error (and so
+// does not acknowledge), and the same report stores on retry.
+func TestReportCommitFailure(t *testing.T) {
+	s, ctx, _ := setup(t)
+	s.Assign(ctx, "r1", "lock-2.0.0", "device", "lock-1", false)
+	u, _, _, _ := s.Offer(ctx, "lock-1", ids())
+	s.BeforeCommit = func() error { return errors.New("disk full") }
+	rep := proto.Report{ReportID: "rep-1", UpdateID: u.ID, Status: proto.StatusCommitted}
+	if _, err := s.RecordReport(ctx, "lock-1", rep); err == nil {
+		t.Fatal("no error from a failed commit")
+	}
+	s.BeforeCommit = nil
+	if ups, _ := s.Updates(ctx, "lock-1"); ups[0].Status != StatusOffered {
+		t.Fatalf("a failed commit changed the update: %s", ups[0].Status)
+	}
+	if stored, err := s.RecordReport(ctx, "lock-1", rep); err != nil || !stored {
+		t.Fatalf("retry after the failure: %v %v", stored, err)
+	}
+}
+
+// What a transaction stored survives closing and reopening; migrations run
+// once; a database from a newer server is refused.
+func TestDurabilityAndMigrations(t *testing.T) {
+	s, ctx, path := setup(t)
+	s.Assign(ctx, "r1", "lock-2.0.0", "device", "lock-1", false)
+	u, _, _, _ := s.Offer(ctx, "lock-1", ids())
+	s.Close()
+	s2 := open(t, path)
+	if v, err := s2.SchemaVersion(ctx); err != nil || v != len(migrations) {
+		t.Fatalf("schema version %d %v", v, err)
+	}
+	ups, err := s2.Updates(ctx, "lock-1")
+	if err != nil || len(ups) != 1 || ups[0].ID != u.ID {
+		t.Fatalf("after reopening: %+v %v", ups, err)
+	}
+	d, err := s2.GetDevice(ctx, "lock-1")
+	if err != nil || d.Version != "1.0.0" || len(d.Groups) != 1 || d.Groups[0] != "lab" {
+		t.Fatalf("device %+v %v", d, err)
+	}
+	s2.db.ExecContext(ctx, `UPDATE schema_version SET version = 99`)
+	s2.Close()
+	if _, err := Open(ctx, path); err == nil || !strings.Contains(err.Error(), "newer") {
+		t.Fatalf("opening a newer schema: %v", err)
+	}
+}
+
+func TestBadInputChangesNothing(t *testing.T) {
+	s, ctx, _ := setup(t)
+	if err := s.AddDevice(ctx, "../evil", nil); err == nil {
+		t.Error("a path-like device id was accepted")
+	}
+	if err := s.CheckIn(ctx, "ghost", proto.CheckIn{Version: "1", Slot: "a", HWClass: "x"}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("check-in of an unknown device: %v", err)
+	}
+	if err := s.Assign(ctx, "r9", "no-such-release", "device", "lock-1", false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("assigning an unknown release: %v", err)
+	}
+	if err := s.AddRelease(ctx, Release{ID: "x", SHA256: "not-a-hash"}); err == nil {
+		t.Error("a bad SHA-256 was accepted")
+	}
+	devs, _ := s.ListDevices(ctx)
+	if len(devs) != 4 {
+		t.Errorf("%d devices after bad input, want 4", len(devs))
+	}
+}
