@@ -521,3 +521,12 @@ func (s *Store) Retry(ctx context.Context, deviceID, releaseID string) error {
 		return nil
 	})
 }
+
+// DeviceMayRead says whether a blob is the image of a release the device
+// has been offered: devices download only what they were offered.
+func (s *Store) DeviceMayRead(ctx context.Context, deviceID, sha256 string) (bool, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM updates u JOIN releases r ON r.id = u.release_id
+		WHERE u.device_id = ? AND r.sha256 = ?`, deviceID, sha256).Scan(&n)
+	return n > 0, err
+}

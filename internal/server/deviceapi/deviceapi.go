@@ -1,0 +1,239 @@
+// Package deviceapi serves the device API (docs/PROTOCOL.md) over HTTPS with
+// mutual TLS: check-in and offers, image downloads with Range and ETag, and
+// status reports acknowledged only once stored. A device is who its client
+// certificate says, and reads and writes only its own records.
+package deviceapi
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/blob"
+	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/store"
+)
+
+// API is the device API.
+type API struct {
+	Store *store.Store
+	Blobs *blob.Store
+	Log   *slog.Logger
+	// PollInterval is the base time between check-ins; each answer adds up
+	// to 10% of jitter so a fleet does not come back in step.
+	PollInterval time.Duration
+	// MaxInFlight bounds concurrent requests; past it the API answers 503
+	// with Retry-After and devices back off.
+	MaxInFlight int
+	// RetryAfter is what 503 answers ask devices to wait.
+	RetryAfter time.Duration
+
+	sem chan struct{}
+}
+
+// Handler returns the HTTP handler for the device API.
+func (a *API) Handler() http.Handler {
+	if a.MaxInFlight <= 0 {
+		a.MaxInFlight = 256
+	}
+	if a.PollInterval <= 0 {
+		a.PollInterval = time.Hour
+	}
+	if a.RetryAfter <= 0 {
+		a.RetryAfter = 30 * time.Second
+	}
+	if a.Log == nil {
+		a.Log = slog.New(slog.DiscardHandler)
+	}
+	a.sem = make(chan struct{}, a.MaxInFlight)
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+proto.PathCheckIn, a.device(a.checkIn))
+	mux.HandleFunc("GET "+proto.PathBlobs+"{sum}", a.device(a.blob))
+	mux.HandleFunc("HEAD "+proto.PathBlobs+"{sum}", a.device(a.blob))
+	mux.HandleFunc("POST "+proto.PathReports, a.device(a.report))
+	return mux
+}
+
+type deviceHandler func(w http.ResponseWriter, r *http.Request, deviceID string)
+
+// device wraps a handler: load shedding, then the device's identity from
+// its verified client certificate.
+func (a *API) device(h deviceHandler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case a.sem <- struct{}{}:
+			defer func() { <-a.sem }()
+		default:
+			w.Header().Set("Retry-After", strconv.Itoa(int(a.RetryAfter.Seconds())))
+			fail(w, http.StatusServiceUnavailable, "server busy: retry later")
+			return
+		}
+		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+			fail(w, http.StatusUnauthorized, "a device certificate is required")
+			return
+		}
+		id, err := pki.DeviceID(r.TLS.VerifiedChains[0][0])
+		if err != nil || proto.ValidID("device", id) != nil {
+			fail(w, http.StatusForbidden, "the certificate names no valid device")
+			return
+		}
+		h(w, r, id)
+	}
+}
+
+func fail(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(proto.Error{Error: msg})
+}
+
+// decode reads a bounded JSON body with no unknown fields.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, proto.MaxBodyBytes)
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", proto.MaxBodyBytes))
+		} else {
+			fail(w, http.StatusBadRequest, "malformed JSON: "+err.Error())
+		}
+		return false
+	}
+	if dec.More() {
+		fail(w, http.StatusBadRequest, "malformed JSON: more than one value")
+		return false
+	}
+	return true
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+func newID() string {
+	var b [10]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (a *API) jitter() int {
+	base := int(a.PollInterval.Seconds())
+	if base < 1 {
+		base = 1
+	}
+	n, _ := rand.Int(rand.Reader, big.NewInt(int64(base/10+1)))
+	return base + int(n.Int64())
+}
+
+func (a *API) checkIn(w http.ResponseWriter, r *http.Request, id string) {
+	var c proto.CheckIn
+	if !decode(w, r, &c) {
+		return
+	}
+	if err := c.Validate(); err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	ctx := r.Context()
+	if err := a.Store.CheckIn(ctx, id, c); err != nil {
+		a.storeError(w, "check-in", id, err)
+		return
+	}
+	up, rel, down, err := a.Store.Offer(ctx, id, newID)
+	if err != nil {
+		a.storeError(w, "offer", id, err)
+		return
+	}
+	resp := proto.CheckInResponse{NextPollSeconds: a.jitter()}
+	if up != nil {
+		resp.Offer = &proto.Offer{
+			UpdateID: up.ID,
+			URL:      proto.PathBlobs + rel.SHA256,
+			Target: proto.Target{
+				Name:   rel.HWClass + "/" + rel.Version + ".img",
+				Length: rel.Length,
+				Hashes: map[string]string{"sha256": rel.SHA256},
+				Custom: proto.TargetCustom{Version: rel.Version, SecurityCounter: rel.SecurityCounter, HWClass: rel.HWClass,
+					Format: "mcuboot", Downgrade: down, KeyEpoch: rel.KeyEpoch},
+			},
+		}
+		a.Log.Info("offer", "device", id, "update", up.ID, "release", rel.ID)
+	}
+	writeJSON(w, resp)
+}
+
+func (a *API) blob(w http.ResponseWriter, r *http.Request, id string) {
+	sum := r.PathValue("sum")
+	if proto.ValidSHA256(sum) != nil {
+		fail(w, http.StatusNotFound, "no such image")
+		return
+	}
+	ok, err := a.Store.DeviceMayRead(r.Context(), id, sum)
+	if err != nil {
+		a.storeError(w, "blob", id, err)
+		return
+	}
+	if !ok {
+		fail(w, http.StatusNotFound, "no such image") // not revealed to devices it was not offered to
+		return
+	}
+	f, err := a.Blobs.Open(sum)
+	if err != nil {
+		fail(w, http.StatusNotFound, "no such image")
+		return
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, "blob unreadable")
+		return
+	}
+	w.Header().Set("ETag", `"`+sum+`"`)
+	w.Header().Set("Content-Type", "application/octet-stream")
+	http.ServeContent(w, r, "", fi.ModTime(), f)
+}
+
+func (a *API) report(w http.ResponseWriter, r *http.Request, id string) {
+	var rep proto.Report
+	if !decode(w, r, &rep) {
+		return
+	}
+	if err := rep.Validate(); err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	stored, err := a.Store.RecordReport(r.Context(), id, rep)
+	if err != nil {
+		a.storeError(w, "report", id, err)
+		return
+	}
+	a.Log.Info("report", "device", id, "update", rep.UpdateID, "status", rep.Status, "reason", rep.Reason, "new", stored)
+	writeJSON(w, proto.ReportAck{ReportID: rep.ReportID, Stored: true})
+}
+
+// storeError answers a store failure: unknown records are 404 (and never
+// say whose they are); anything else is 500, so the device retries and
+// nothing is acknowledged that was not stored.
+func (a *API) storeError(w http.ResponseWriter, what, id string, err error) {
+	if errors.Is(err, store.ErrNotFound) {
+		fail(w, http.StatusNotFound, "not found")
+		return
+	}
+	if errors.Is(err, context.Canceled) {
+		return
+	}
+	a.Log.Error(what+" failed", "device", id, "err", err)
+	fail(w, http.StatusInternalServerError, "not stored: retry")
+}
