@@ -1,5 +1,6 @@
 // Command fieldpatch is the fieldpatch server and operator CLI: it makes
-// signing keys and builds, inspects and verifies signed firmware images.
+// signing keys, builds, inspects and verifies signed firmware images, runs
+// the update server, and manages releases and devices on it.
 package main
 
 import (
@@ -29,6 +30,13 @@ var commands = []command{
 	{"image build", "build and sign a firmware image", runImageBuild},
 	{"image inspect", "show what an image holds, without trusting it", runImageInspect},
 	{"image verify", "check an image against trusted public keys (exit 0 only when valid)", runImageVerify},
+	{"serve", "run the update server (HTTPS, TLS 1.3, SQLite, CA on first start)", runServe},
+	{"release upload", "upload a signed image as a release (checked against the image keys)", runReleaseUpload},
+	{"release assign", "offer a release to a device or a group", runReleaseAssign},
+	{"device provision", "register a device and write its provisioning bundle", runDeviceProvision},
+	{"device list", "list devices", runDeviceList},
+	{"device show", "show a device and its updates", runDeviceShow},
+	{"device retry", "offer a failed release to a device again", runDeviceRetry},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		fmt.Fprintln(stdout, "fieldpatch", version)
 		return nil

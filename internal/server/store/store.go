@@ -530,3 +530,10 @@ func (s *Store) DeviceMayRead(ctx context.Context, deviceID, sha256 string) (boo
 		WHERE u.device_id = ? AND r.sha256 = ?`, deviceID, sha256).Scan(&n)
 	return n > 0, err
 }
+
+// ReleaseUses says whether a release's image is the blob with this SHA-256.
+func (s *Store) ReleaseUses(ctx context.Context, sha256 string) (bool, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM releases WHERE sha256 = ?`, sha256).Scan(&n)
+	return n > 0, err
+}

@@ -1,0 +1,359 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server"
+	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/store"
+)
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "serve", "[--listen ADDR] [--data-dir DIR]",
+		`Runs the update server on embedded defaults: a SQLite database, a blob
+folder and a certificate authority, all in the data directory (created on
+first start, with a CA, a server certificate and an admin token, which it
+reports). HTTPS only, TLS 1.3 and HTTP/2; devices authenticate with client
+certificates issued by "fieldpatch device provision", operators with the
+admin token. Releases must be signed by a key in DIR/image-keys/*.pub.pem
+or given with --image-key.
+
+Flags take their defaults from FIELDPATCH_LISTEN and FIELDPATCH_DATA_DIR.`)
+	listen := fs.String("listen", envOr("FIELDPATCH_LISTEN", "127.0.0.1:8443"), "address to serve HTTPS on")
+	dataDir := fs.String("data-dir", envOr("FIELDPATCH_DATA_DIR", "fieldpatch-data"), "data directory")
+	var hosts, keys cli.Strings
+	fs.Var(&hosts, "host", "a name or address the server certificate covers (repeatable; default localhost, 127.0.0.1)")
+	fs.Var(&keys, "image-key", "an image-signing public key releases may be signed with (repeatable)")
+	poll := fs.Duration("poll-interval", time.Hour, "devices' base check-in interval")
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	lg := slog.New(slog.NewTextHandler(stderr, nil))
+	srv, err := server.New(ctx, server.Config{Listen: *listen, DataDir: *dataDir, Hosts: hosts, ImageKeys: keys, PollInterval: *poll}, lg)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer srv.Close()
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	fmt.Fprintf(stdout, "serving on https://%s\n  CA certificate  %s\n  admin token     %s\n",
+		ln.Addr(), filepath.Join(*dataDir, "pki", "ca.pem"), filepath.Join(*dataDir, "admin.token"))
+	if err := srv.Serve(ctx, ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return cli.Failed(err)
+	}
+	return nil
+}
+
+// remote is a management API client.
+type remote struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+// remoteFlags adds the flags that reach a server: --server, --ca, --token-file,
+// or --data-dir to take the CA and token from a local server's directory.
+func remoteFlags(fs *flag.FlagSet) func() (*remote, error) {
+	srvURL := fs.String("server", envOr("FIELDPATCH_SERVER", "https://127.0.0.1:8443"), "the server's URL")
+	dataDir := fs.String("data-dir", os.Getenv("FIELDPATCH_DATA_DIR"), "a local server's data directory (for its CA and admin token)")
+	caFile := fs.String("ca", os.Getenv("FIELDPATCH_CA"), "the server's CA certificate (default DATA-DIR/pki/ca.pem)")
+	tokenFile := fs.String("token-file", os.Getenv("FIELDPATCH_TOKEN_FILE"), "file holding the admin token (default DATA-DIR/admin.token)")
+	return func() (*remote, error) {
+		if *caFile == "" && *dataDir != "" {
+			*caFile = filepath.Join(*dataDir, "pki", "ca.pem")
+		}
+		if *tokenFile == "" && *dataDir != "" {
+			*tokenFile = filepath.Join(*dataDir, "admin.token")
+		}
+		if *caFile == "" || *tokenFile == "" {
+			return nil, cli.Usagef("give --ca and --token-file, or --data-dir of the server")
+		}
+		caPEM, err := os.ReadFile(*caFile)
+		if err != nil {
+			return nil, cli.Failed(err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(caPEM) {
+			return nil, cli.Failed(fmt.Errorf("%s: no certificate", *caFile))
+		}
+		tok, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return nil, cli.Failed(err)
+		}
+		return &remote{base: strings.TrimRight(*srvURL, "/"), token: strings.TrimSpace(string(tok)),
+			http: &http.Client{Timeout: 10 * time.Minute, Transport: &http.Transport{
+				TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}, ForceAttemptHTTP2: true}}}, nil
+	}
+}
+
+func (r *remote) do(ctx context.Context, method, path string, body io.Reader, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, r.base+path, body)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+r.token)
+	resp, err := r.http.Do(req)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode >= 300 {
+		var pe proto.Error
+		json.Unmarshal(b, &pe)
+		if pe.Error == "" {
+			pe.Error = strings.TrimSpace(string(b))
+		}
+		err := fmt.Errorf("%s: %s", resp.Status, pe.Error)
+		if resp.StatusCode < 500 {
+			return cli.Refused(err)
+		}
+		return cli.Failed(err)
+	}
+	if out != nil {
+		return json.Unmarshal(b, out)
+	}
+	return nil
+}
+
+func jsonBody(v any) io.Reader {
+	b, _ := json.Marshal(v)
+	return bytes.NewReader(b)
+}
+
+func runReleaseUpload(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "release upload", "--id ID [server flags] IMAGE",
+		`Uploads a signed image as a release. The server checks its signature against
+its image keys and reads version, hardware class and security counter from
+the image's signed TLVs; a bad or unsigned image is refused and not kept.`)
+	id := fs.String("id", "", "release ID, e.g. smartlock-1.5.0 (required)")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if *id == "" || len(pos) != 1 {
+		return cli.Usagef("want --id ID and one image file")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(pos[0])
+	if err != nil {
+		return cli.Failed(err)
+	}
+	defer f.Close()
+	var rel store.Release
+	if err := r.do(ctx, "POST", mgmtapi.PathReleases+"?id="+url.QueryEscape(*id), f, &rel); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "release %s: %s for %s, security counter %d, %d bytes, sha256 %s\n", rel.ID, rel.Version, rel.HWClass, rel.SecurityCounter, rel.Length, rel.SHA256)
+	return nil
+}
+
+func runReleaseAssign(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "release assign", "RELEASE (--device ID | --group NAME) [--downgrade] [server flags]",
+		`Offers a release to one device or to a group (a rollout with one phase).
+Devices that already finished it (committed, failed or rolled back) are not
+offered it again; "fieldpatch device retry" changes that for one device.`)
+	dev := fs.String("device", "", "the device to offer it to")
+	grp := fs.String("group", "", "the group to offer it to")
+	down := fs.Bool("downgrade", false, "a deliberate downgrade: devices may install a lower version with an equal counter")
+	id := fs.String("id", "", "assignment ID (default: generated)")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || (*dev == "") == (*grp == "") {
+		return cli.Usagef("want one release and exactly one of --device and --group")
+	}
+	if *id == "" {
+		var b [6]byte
+		rand.Read(b[:])
+		*id = fmt.Sprintf("assign-%x", b)
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	req := mgmtapi.AssignRequest{ID: *id, Release: pos[0], Device: *dev, Group: *grp, Downgrade: *down}
+	if err := r.do(ctx, "POST", mgmtapi.PathAssignments, jsonBody(req), nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "assigned %s to %s%s (%s)\n", pos[0], *dev, *grp, *id)
+	return nil
+}
+
+func runDeviceList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device list", "[--json] [server flags]", "Lists the devices the server knows.")
+	asJSON := fs.Bool("json", false, "print JSON")
+	conn := remoteFlags(fs)
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	var devs []store.Device
+	if err := r.do(ctx, "GET", mgmtapi.PathDevices, nil, &devs); err != nil {
+		return err
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, devs)
+	}
+	fmt.Fprintf(stdout, "%-20s %-16s %-10s %-5s %-12s %s\n", "DEVICE", "HW CLASS", "VERSION", "SLOT", "PHASE", "LAST SEEN")
+	for _, d := range devs {
+		seen := "never"
+		if !d.LastSeen.IsZero() {
+			seen = d.LastSeen.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(stdout, "%-20s %-16s %-10s %-5s %-12s %s\n", d.ID, d.HWClass, d.Version, d.Slot, d.Phase, seen)
+	}
+	return nil
+}
+
+func runDeviceShow(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device show", "ID [server flags]", "Shows a device and its update attempts (JSON).")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return cli.Usagef("want one device ID")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	var v mgmtapi.DeviceView
+	if err := r.do(ctx, "GET", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0]), nil, &v); err != nil {
+		return err
+	}
+	return cli.WriteJSON(stdout, v)
+}
+
+func runDeviceRetry(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device retry", "ID RELEASE [server flags]",
+		"Lets a device be offered a release again after it failed or rolled it back.")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 {
+		return cli.Usagef("want a device ID and a release")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	return r.do(ctx, "POST", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0])+"/retry", jsonBody(map[string]string{"release": pos[1]}), nil)
+}
+
+// Bundle is the provisioning bundle's manifest (bundle.json); the
+// certificates and the device key sit beside it.
+type Bundle struct {
+	Server   string `json:"server"`
+	DeviceID string `json:"device_id"`
+}
+
+func runDeviceProvision(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device provision", "ID --out DIR [--group G...] [server flags]",
+		`Provisions one device: makes its key, has the server register it and issue
+its client certificate, and writes the provisioning bundle to DIR:
+bundle.json (server URL, device ID), device.key.pem (mode 0600), device.pem,
+ca.pem, and image-keys/*.pub.pem (the image keys the device must trust).
+The agent's config points at the bundle ("link": {"bundle": DIR}).`)
+	out := fs.String("out", "", "bundle directory to create (required)")
+	var groups cli.Strings
+	fs.Var(&groups, "group", "a group the device belongs to (repeatable)")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || *out == "" {
+		return cli.Usagef("want one device ID and --out DIR")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(*out); err == nil {
+		return cli.Failed(fmt.Errorf("%s exists: a bundle is written once", *out))
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	pubDER, _ := x509.MarshalPKIXPublicKey(key.Public())
+	req := mgmtapi.ProvisionRequest{ID: pos[0], Groups: groups, PublicKey: string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}))}
+	var resp mgmtapi.ProvisionResponse
+	if err := r.do(ctx, "POST", mgmtapi.PathDevices, jsonBody(req), &resp); err != nil {
+		return err
+	}
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	manifest, _ := json.MarshalIndent(Bundle{Server: r.base, DeviceID: resp.DeviceID}, "", "  ")
+	files := []struct {
+		name string
+		data []byte
+		mode os.FileMode
+	}{
+		{"device.key.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{"device.pem", []byte(resp.CertPEM), 0o644},
+		{"ca.pem", []byte(resp.CAPEM), 0o644},
+		{"bundle.json", manifest, 0o644},
+	}
+	for i, k := range resp.ImageKeysPEM {
+		files = append(files, struct {
+			name string
+			data []byte
+			mode os.FileMode
+		}{filepath.Join("image-keys", fmt.Sprintf("key-%d.pub.pem", i+1)), []byte(k), 0o644})
+	}
+	if err := os.MkdirAll(filepath.Join(*out, "image-keys"), 0o700); err != nil {
+		return cli.Failed(err)
+	}
+	for _, f := range files {
+		if err := os.WriteFile(filepath.Join(*out, f.name), f.data, f.mode); err != nil {
+			return cli.Failed(err)
+		}
+	}
+	fmt.Fprintf(stdout, "provisioned %s: bundle in %s (%d image keys)\n", resp.DeviceID, *out, len(resp.ImageKeysPEM))
+	return nil
+}

@@ -1,0 +1,200 @@
+// Package server assembles the update server: the store, the blob folder,
+// the certificate authority, the device API and the management API, served
+// over HTTPS (TLS 1.3 only, HTTP/2) on embedded defaults in one data
+// directory.
+package server
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/server/blob"
+	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/store"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
+)
+
+// Config is the server's configuration.
+type Config struct {
+	// Listen is the address to serve HTTPS on.
+	Listen string
+	// DataDir holds everything: fieldpatch.db, blobs/, pki/ (the CA and the
+	// server certificate, created on first start), admin.token and
+	// image-keys/ (*.pub.pem: the image-signing keys releases must carry).
+	DataDir string
+	// Hosts are the names and addresses the server certificate covers
+	// when the server creates it.
+	Hosts []string
+	// ImageKeys are more image-signing public key files.
+	ImageKeys []string
+	// PollInterval is the devices' base check-in interval.
+	PollInterval time.Duration
+}
+
+// Validate checks the configuration.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Listen == "" {
+		errs = append(errs, errors.New("listen address is required"))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data directory is required"))
+	}
+	if c.PollInterval < 0 {
+		errs = append(errs, errors.New("poll interval must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+// Server is a configured update server.
+type Server struct {
+	Store   *store.Store
+	CA      *pki.CA
+	TLS     *tls.Config
+	Handler http.Handler
+	Token   string
+	log     *slog.Logger
+}
+
+// New opens (or, on first start, creates) everything in the data directory.
+func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(c.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	st, err := store.Open(ctx, filepath.Join(c.DataDir, "fieldpatch.db"))
+	if err != nil {
+		return nil, err
+	}
+	pkiDir := filepath.Join(c.DataDir, "pki")
+	ca, created, err := pki.LoadOrCreateCA(pkiDir)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if created {
+		lg.Info("created a certificate authority for devices", "ca", filepath.Join(pkiDir, "ca.pem"))
+	}
+	hosts := c.Hosts
+	if len(hosts) == 0 {
+		hosts = []string{"localhost", "127.0.0.1", "::1"}
+	}
+	cert, created, err := ca.LoadOrCreateServerCert(pkiDir, hosts)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if created {
+		lg.Info("created a server certificate", "cert", filepath.Join(pkiDir, "server.pem"), "hosts", hosts)
+	}
+	token, err := adminToken(filepath.Join(c.DataDir, "admin.token"), lg)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	keys, err := imageKeys(c)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	if len(keys) == 0 {
+		lg.Warn("no image-signing keys: every release upload will be refused", "add", filepath.Join(c.DataDir, "image-keys", "NAME.pub.pem"))
+	}
+	blobs := &blob.Store{Dir: filepath.Join(c.DataDir, "blobs")}
+	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval}
+	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg}
+	mux := http.NewServeMux()
+	mux.Handle("/api/v1/", dev.Handler())
+	mux.Handle("/api/mgmt/v1/", mgmt.Handler())
+	return &Server{
+		Store: st, CA: ca, Token: token, Handler: mux, log: lg,
+		TLS: &tls.Config{
+			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
+			Certificates: []tls.Certificate{cert},
+			ClientAuth:   tls.VerifyClientCertIfGiven, // devices must present one; operators use a token
+			ClientCAs:    ca.Pool(),
+			NextProtos:   []string{"h2", "http/1.1"},
+		},
+	}, nil
+}
+
+// Serve serves on ln until ctx ends, then shuts down gracefully.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s.Handler,
+		TLSConfig:         s.TLS,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          log.New(slogWriter{s.log}, "", 0),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+		return nil
+	}
+}
+
+// Close closes the store.
+func (s *Server) Close() error { return s.Store.Close() }
+
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Debug(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+func adminToken(path string, lg *slog.Logger) (string, error) {
+	b, err := os.ReadFile(path)
+	if err == nil {
+		return strings.TrimSpace(string(b)), nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	var raw [24]byte
+	rand.Read(raw[:])
+	tok := hex.EncodeToString(raw[:])
+	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	lg.Info("created the admin token", "file", path)
+	return tok, nil
+}
+
+func imageKeys(c Config) ([]crypto.PublicKey, error) {
+	paths, _ := filepath.Glob(filepath.Join(c.DataDir, "image-keys", "*.pub.pem"))
+	paths = append(paths, c.ImageKeys...)
+	var keys []crypto.PublicKey
+	for _, p := range paths {
+		k, err := trust.LoadPublicKey(p)
+		if err != nil {
+			return nil, fmt.Errorf("image key: %w", err)
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
