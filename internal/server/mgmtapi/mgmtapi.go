@@ -281,4 +281,3 @@ func (a *API) retry(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"retried": req.Release})
 }
-
