@@ -11,6 +11,7 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
+	"github.com/fieldpatch/fieldpatch/internal/device/link"
 )
 
 // openRunner loads the config and makes a runner whose log goes to stderr
@@ -147,9 +148,10 @@ interrupted downloads and installs continue.`, false)
 
 func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return resume(ctx, args, stdout, stderr, "run", `Runs the agent as the device's daemon: carries on whatever the journal says
-(as resume does), then stays up until it is stopped (SIGINT or SIGTERM). The
-update server's link, when configured, makes it check for updates and wait
-for notifications here.`, true)
+(as resume does), then stays up until it is stopped (SIGINT or SIGTERM).
+With a link to an update server in the config ("link": {"bundle": DIR}), it
+checks in, installs what is offered, reports its progress and outcome (again
+until the server acknowledges it), and exits when a reboot is needed.`, true)
 }
 
 // resume carries on the journal; stay keeps the process up afterwards.
@@ -162,11 +164,27 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 	if *cfgPath == "" {
 		return cli.Usagef("--config FILE is required")
 	}
-	r, _, done, err := openRunner(*cfgPath, stderr)
+	r, cfg, done, err := openRunner(*cfgPath, stderr)
 	if err != nil {
 		return err
 	}
 	defer done()
+	if stay && cfg.Link != nil {
+		l, err := link.Open(cfg.Path(cfg.Link.Bundle))
+		if err != nil {
+			return cli.Failed(err)
+		}
+		r.Fetcher = &agent.HTTPFetcher{Client: l.HTTP}
+		err = r.Daemon(ctx, l)
+		switch {
+		case errors.Is(err, agent.ErrReboot):
+			fmt.Fprintln(stdout, "reboot required to continue the update")
+			return nil
+		case ctx.Err() != nil:
+			return nil
+		}
+		return cli.Failed(err)
+	}
 	st, err := r.Start(ctx)
 	if err := finish(stdout, st, err); err != nil || !stay {
 		return err

@@ -52,6 +52,15 @@ type Config struct {
 	// RebootCommand is run to reboot into a trial or after a rollback;
 	// empty, and the agent exits asking for a reboot instead.
 	RebootCommand []string `json:"reboot_command,omitempty"`
+	// Link connects the agent to an update server.
+	Link *LinkConfig `json:"link,omitempty"`
+}
+
+// LinkConfig says how to reach the update server.
+type LinkConfig struct {
+	// Bundle is the provisioning bundle directory (fieldpatch device
+	// provision writes it): server URL, device key and certificate, CA.
+	Bundle string `json:"bundle"`
 }
 
 // LoadConfig reads and validates an agent config file.
@@ -76,6 +85,9 @@ func LoadConfig(path string) (*Config, error) {
 // Validate checks the config.
 func (c *Config) Validate() error {
 	errs := []error{c.Config.Validate()}
+	if c.Link != nil && c.Link.Bundle == "" {
+		errs = append(errs, errors.New("link.bundle is required when link is given"))
+	}
 	if c.HookTimeout != "" {
 		if d, err := time.ParseDuration(c.HookTimeout); err != nil || d <= 0 {
 			errs = append(errs, fmt.Errorf("hook_timeout %q: want a positive duration such as 90s or 5m", c.HookTimeout))

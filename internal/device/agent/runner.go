@@ -70,6 +70,12 @@ type Reporter interface {
 	Report(ctx context.Context, o Outcome) error
 }
 
+// ReporterFunc adapts a function to Reporter.
+type ReporterFunc func(ctx context.Context, o Outcome) error
+
+// Report calls f.
+func (f ReporterFunc) Report(ctx context.Context, o Outcome) error { return f(ctx, o) }
+
 // NV is the non-volatile store the agent raises at commit.
 type NV interface {
 	Load() (boot.NVState, error)
@@ -102,6 +108,9 @@ type Runner struct {
 	// AtPhase, if set, is called after each new phase is persisted and
 	// before its effects run: a test's pause point.
 	AtPhase func(Phase)
+	// Notify, if set, hears each new state once it is persisted (status
+	// reports to the server).
+	Notify func(State)
 }
 
 func (r *Runner) journalPath() string { return filepath.Join(r.StateDir, "journal.json") }
@@ -189,13 +198,28 @@ func (r *Runner) Start(ctx context.Context) (State, error) {
 
 // Install begins an update from a local file or a URL.
 func (r *Runner) Install(ctx context.Context, source string, offer *Offer) (State, error) {
+	var id [8]byte
+	rand.Read(id[:])
+	return r.InstallAs(ctx, hex.EncodeToString(id[:]), source, offer)
+}
+
+// InstallAs begins an update with a given ID (the server's, for an offer).
+func (r *Runner) InstallAs(ctx context.Context, id, source string, offer *Offer) (State, error) {
 	f, err := r.Facts()
 	if err != nil {
 		return State{}, err
 	}
-	var id [8]byte
-	rand.Read(id[:])
-	return r.Handle(ctx, Event{Kind: EvOffer, Source: source, Offer: offer, Facts: f, ID: hex.EncodeToString(id[:])})
+	return r.Handle(ctx, Event{Kind: EvOffer, Source: source, Offer: offer, Facts: f, ID: id})
+}
+
+// MarkReported records that the last outcome reached the server.
+func (r *Runner) MarkReported() error {
+	s, err := r.Load()
+	if err != nil || s.Last == nil || s.Last.Reported {
+		return err
+	}
+	s.Last.Reported = true
+	return r.save(s)
 }
 
 // Handle feeds one event to the machine and then carries out effects until
@@ -216,7 +240,11 @@ func (r *Runner) Handle(ctx context.Context, ev Event) (State, error) {
 				r.log().Info("update phase", "phase", next.Phase, "event", ev.Kind)
 			}
 		}
+		changedPhase := next.Phase != cur.Phase
 		cur = next
+		if changedPhase && r.Notify != nil {
+			r.Notify(cur)
+		}
 		if r.AtPhase != nil {
 			r.AtPhase(cur.Phase)
 		}
@@ -402,7 +430,9 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 		if r.Reporter == nil {
 			return Event{Kind: EvReported}, nil
 		}
-		if err := r.Reporter.Report(ctx, u.Outcome); err != nil {
+		o := u.Outcome
+		o.UpdateID = u.ID
+		if err := r.Reporter.Report(ctx, o); err != nil {
 			if stop(err) {
 				return Event{}, err
 			}

@@ -81,6 +81,7 @@ type Facts struct {
 
 // Outcome is the result of an update, as reported.
 type Outcome struct {
+	UpdateID string `json:"update_id,omitempty"`
 	Result   string `json:"result"` // committed, rolled_back, failed
 	Reason   string `json:"reason,omitempty"`
 	From     string `json:"from,omitempty"`

@@ -183,6 +183,7 @@ func rollBackOnNewSlot(s State, why string) (State, []Effect) {
 
 func finish(s State, reported bool) (State, []Effect) {
 	o := s.Update.Outcome
+	o.UpdateID = s.Update.ID
 	o.Reported = reported
 	s.Last = &o
 	s.Update = nil

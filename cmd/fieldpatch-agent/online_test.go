@@ -1,0 +1,213 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
+)
+
+var (
+	serverOnce sync.Once
+	serverBin  string
+	serverErr  error
+)
+
+func fieldpatchBinary(t *testing.T) string {
+	t.Helper()
+	serverOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "fieldpatch-bin")
+		if err != nil {
+			serverErr = err
+			return
+		}
+		serverBin = filepath.Join(dir, "fieldpatch")
+		if out, err := exec.Command("go", "build", "-o", serverBin, "../fieldpatch").CombinedOutput(); err != nil {
+			serverErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if serverErr != nil {
+		t.Fatal(serverErr)
+	}
+	return serverBin
+}
+
+// liveServer is a real `fieldpatch serve` process on loopback.
+type liveServer struct {
+	t       *testing.T
+	bin     string
+	dataDir string
+	url     string
+	cmd     *exec.Cmd
+}
+
+func startServer(t *testing.T, dataDir string) *liveServer {
+	t.Helper()
+	s := &liveServer{t: t, bin: fieldpatchBinary(t), dataDir: dataDir}
+	s.cmd = exec.Command(s.bin, "serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--poll-interval", "1s")
+	out, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cmd.Stderr = nil
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.cmd.Process.Kill(); s.cmd.Wait() })
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if u, ok := strings.CutPrefix(sc.Text(), "serving on "); ok {
+			s.url = u
+			break
+		}
+	}
+	if s.url == "" {
+		t.Fatal("the server did not start")
+	}
+	go func() {
+		for sc.Scan() {
+		}
+	}()
+	return s
+}
+
+func (s *liveServer) run(args ...string) string {
+	s.t.Helper()
+	args = append(args, "--server", s.url, "--data-dir", s.dataDir)
+	out, err := exec.Command(s.bin, args...).CombinedOutput()
+	if err != nil {
+		s.t.Fatalf("fieldpatch %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// deviceView is what `fieldpatch device show` prints (decoded here rather
+// than imported: device-side code never imports server packages).
+type deviceView struct {
+	Version  string    `json:"version"`
+	LastSeen time.Time `json:"last_seen"`
+	Updates  []struct {
+		Status  string `json:"status"`
+		Reason  string `json:"reason"`
+		LogTail string `json:"log_tail"`
+	} `json:"updates"`
+}
+
+func (s *liveServer) device(id string) deviceView {
+	s.t.Helper()
+	var v deviceView
+	if err := json.Unmarshal([]byte(s.run("device", "show", id)), &v); err != nil {
+		s.t.Fatal(err)
+	}
+	return v
+}
+
+// onlineDevice is a file-backed device provisioned on the server.
+func onlineDevice(t *testing.T, s *liveServer, id string) *fileDevice {
+	t.Helper()
+	d := newFileDevice(t)
+	bundle := filepath.Join(d.dir, "bundle")
+	s.run("device", "provision", id, "--group", "lab", "--out", bundle)
+	var cfg map[string]any
+	b, _ := os.ReadFile(d.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["link"] = map[string]string{"bundle": "bundle"}
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(d.cfg, b, 0o644)
+	return d
+}
+
+// daemon runs `fieldpatch-agent run` until it exits by itself (a reboot is
+// needed) or until stop says so, then stops it.
+func (d *fileDevice) daemon(bin string, stop func() bool) {
+	d.t.Helper()
+	cmd := exec.Command(bin, "run", "--config", d.cfg)
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	deadline := time.After(60 * time.Second)
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				d.t.Fatalf("agent daemon: %v", err)
+			}
+			return
+		case <-deadline:
+			cmd.Process.Kill()
+			d.t.Fatal("agent daemon did not finish in time")
+		case <-time.After(100 * time.Millisecond):
+			if stop() {
+				cmd.Process.Signal(syscall.SIGTERM)
+				<-done
+				return
+			}
+		}
+	}
+}
+
+func lastUpdate(v deviceView) string {
+	if len(v.Updates) == 0 {
+		return ""
+	}
+	return v.Updates[0].Status
+}
+
+// End to end: a real server, real agents with file-backed slots; an update
+// assigned to a group is downloaded, installed, trial-booted, committed and
+// reported; a firmware that fails its health check is rolled back, the
+// server records why, and the release is not offered to it again.
+func TestOnlineUpdate(t *testing.T) {
+	agentBin := agentBinary(t)
+	dataDir := t.TempDir()
+	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
+	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
+	srv := startServer(t, dataDir)
+
+	good := onlineDevice(t, srv, "lock-1")
+	bad := onlineDevice(t, srv, "lock-2")
+	os.WriteFile(filepath.Join(bad.dir, "hooks/b/health-check"), []byte("#!/bin/sh\necho 'service does not answer' >&2\nexit 1\n"), 0o755)
+	srv.run("release", "upload", "--id", "lock-2.0.0", good.v2)
+	srv.run("release", "assign", "lock-2.0.0", "--group", "lab")
+
+	for _, d := range []*fileDevice{good, bad} {
+		d.daemon(agentBin, func() bool { return false }) // installs, then asks for a reboot
+		d.must("boot", "--config", d.cfg)                // the trial boot
+	}
+	// On trial: lock-1 commits; lock-2 fails its health check and rolls back.
+	good.daemon(agentBin, func() bool { return lastUpdate(srv.device("lock-1")) == "committed" })
+	bad.daemon(agentBin, func() bool { return false }) // rolls back, asks for a reboot into slot a
+	bad.must("boot", "--config", bad.cfg)
+	bad.daemon(agentBin, func() bool { return lastUpdate(srv.device("lock-2")) == "rolled_back" })
+
+	v1, v2 := srv.device("lock-1"), srv.device("lock-2")
+	if v1.Version != "2.0.0" || lastUpdate(v1) != "committed" {
+		t.Fatalf("lock-1 on the server: %+v", v1)
+	}
+	if st, f := good.status(); f.RunningVersion != "2.0.0" || st.Last.Result != agent.ResultCommitted || !st.Last.Reported {
+		t.Fatalf("lock-1: %+v %+v", st.Last, f)
+	}
+	if lastUpdate(v2) != "rolled_back" || !strings.Contains(v2.Updates[0].Reason, "health-check") || v2.Updates[0].LogTail == "" {
+		t.Fatalf("lock-2 on the server: %+v", v2.Updates)
+	}
+	// lock-2 checks in again and is not offered the release again.
+	bad.daemon(agentBin, func() bool { return srv.device("lock-2").LastSeen.After(v2.LastSeen) })
+	if v := srv.device("lock-2"); len(v.Updates) != 1 || v.Version != "1.0.0" {
+		t.Fatalf("lock-2 after checking in again: version %s, %d updates", v.Version, len(v.Updates))
+	}
+	if st, _ := bad.status(); st.Phase != agent.PhaseIdle {
+		t.Fatalf("lock-2 started another update: %s", st.Phase)
+	}
+}
