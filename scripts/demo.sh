@@ -67,21 +67,22 @@ step "8. MCUboot interoperability: an image signed by MCUboot's own imgtool veri
 run "$FP" image verify --key internal/image/testdata/mcuboot/ed25519.pub.pem \
 	internal/image/testdata/imgtool/ed25519-sc5-pad-confirm.bin
 
-step "9. A device: slots a and b, a redundant U-Boot environment, the non-volatile store, data and hooks"
-dev="$work/device"
-mkdir -p "$dev/data" "$dev/hooks"
-cp "$work/smartlock-1.4.2.img" "$dev/slot-a.img" && truncate -s 32M "$dev/slot-a.img"
-truncate -s 32M "$dev/slot-b.img"
-truncate -s 32K "$dev/env.img"
-printf 'env.img 0x0 0x4000\nenv.img 0x4000 0x4000\n' > "$dev/fw_env.config"
-cp "$work/release-key.pub.pem" "$dev/"
-printf '1\n' > "$dev/data/format"
-printf 'alice\nbob\ncarol\n' > "$dev/data/users.txt"
-# Each slot's firmware brings its own hooks (docs/HOOKS.md): 1.5.0 in slot b
-# migrates users.txt to users.csv and can revert it.
-cp -r docs/examples/hooks/v1 "$dev/hooks/a"
-cp -r docs/examples/hooks/v2 "$dev/hooks/b"
-cat > "$dev/device.json" <<JSON
+# new_device DIR: a file-backed device running 1.4.2 from slot a, with data
+# and hooks that follow docs/HOOKS.md (1.5.0 in slot b migrates users.txt
+# to users.csv and can revert it).
+new_device() {
+	local d=$1
+	mkdir -p "$d/data" "$d/hooks"
+	cp "$work/smartlock-1.4.2.img" "$d/slot-a.img" && truncate -s 32M "$d/slot-a.img"
+	truncate -s 32M "$d/slot-b.img"
+	truncate -s 32K "$d/env.img"
+	printf 'env.img 0x0 0x4000\nenv.img 0x4000 0x4000\n' > "$d/fw_env.config"
+	cp "$work/release-key.pub.pem" "$d/"
+	printf '1\n' > "$d/data/format"
+	printf 'alice\nbob\ncarol\n' > "$d/data/users.txt"
+	cp -r docs/examples/hooks/v1 "$d/hooks/a"
+	cp -r docs/examples/hooks/v2 "$d/hooks/b"
+	cat > "$d/device.json" <<JSON
 {
   "slots": {"a": "slot-a.img", "b": "slot-b.img"},
   "env": {"type": "uboot", "fw_env_config": "fw_env.config"},
@@ -93,6 +94,11 @@ cat > "$dev/device.json" <<JSON
   "hooks_dir": "hooks/{slot}"
 }
 JSON
+}
+
+step "9. A device: slots a and b, a redundant U-Boot environment, the non-volatile store, data and hooks"
+dev="$work/device"
+new_device "$dev"
 run "$AGENT" nv --config "$dev/device.json" --init
 run "$AGENT" boot --config "$dev/device.json"
 
@@ -124,5 +130,34 @@ run "$AGENT" boot --config "$dev/device.json"
 step "14. Both slots damaged: recovery, never a jump into unverified code"
 flip "$dev/slot-a.img" 4096
 expect_refused "$AGENT" boot --config "$dev/device.json"
+
+step "15. Over the network: a real update server, a provisioned device, an assigned release"
+srvdata="$work/server"
+mkdir -p "$srvdata/image-keys"
+cp "$work/release-key.pub.pem" "$srvdata/image-keys/"
+"$FP" serve --listen 127.0.0.1:0 --data-dir "$srvdata" --poll-interval 1s > "$work/serve.out" 2> "$work/serve.log" &
+srvpid=$!
+trap 'kill $srvpid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 50); do grep -q '^serving on' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+url=$(sed -n 's/^serving on //p' "$work/serve.out")
+echo "fieldpatch serve: $url (TLS 1.3, a CA and an admin token created in $srvdata)"
+online="$work/online-device"
+new_device "$online"
+run "$FP" device provision lock-7 --group lab --out "$online/bundle" --server "$url" --data-dir "$srvdata"
+sed -i 's|"hooks_dir": "hooks/{slot}"|"hooks_dir": "hooks/{slot}",\n  "link": {"bundle": "bundle"}|' "$online/device.json"
+run "$AGENT" nv --config "$online/device.json" --init >/dev/null
+run "$AGENT" boot --config "$online/device.json" >/dev/null
+run "$FP" release upload --id smartlock-1.5.0 "$work/smartlock-1.5.0.img" --server "$url" --data-dir "$srvdata"
+run "$FP" release assign smartlock-1.5.0 --group lab --server "$url" --data-dir "$srvdata"
+
+step "16. The agent daemon checks in, downloads over mutual TLS, installs and asks for a reboot; on trial it commits and reports"
+run "$AGENT" run --config "$online/device.json" 2>/dev/null
+run "$AGENT" boot --config "$online/device.json"
+printf '$ %s\n' "$AGENT run --config device.json   (stopped after a few seconds)"
+timeout -s TERM 4 "$AGENT" run --config "$online/device.json" 2>/dev/null || [ $? -eq 124 ]
+run "$FP" device list --server "$url" --data-dir "$srvdata"
+"$FP" device show lock-7 --server "$url" --data-dir "$srvdata" > "$work/lock-7.json"
+grep -E '"(version|status|release_id)"' "$work/lock-7.json"
+grep -q '"status": "committed"' "$work/lock-7.json" || { echo "demo: the server did not record the commit" >&2; exit 1; }
 
 printf '\n\033[1mdemo complete: every step behaved as it must.\033[0m\n'
