@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,10 +51,10 @@ type liveServer struct {
 	cmd     *exec.Cmd
 }
 
-func startServer(t *testing.T, dataDir string) *liveServer {
+func startServer(t *testing.T, dataDir, listen string) *liveServer {
 	t.Helper()
 	s := &liveServer{t: t, bin: fieldpatchBinary(t), dataDir: dataDir}
-	s.cmd = exec.Command(s.bin, "serve", "--listen", "127.0.0.1:0", "--data-dir", dataDir, "--poll-interval", "1s")
+	s.cmd = exec.Command(s.bin, "serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s")
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +175,7 @@ func TestOnlineUpdate(t *testing.T) {
 	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
 	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
 	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
-	srv := startServer(t, dataDir)
+	srv := startServer(t, dataDir, "127.0.0.1:0")
 
 	good := onlineDevice(t, srv, "lock-1")
 	bad := onlineDevice(t, srv, "lock-2")
@@ -209,5 +210,51 @@ func TestOnlineUpdate(t *testing.T) {
 	}
 	if st, _ := bad.status(); st.Phase != agent.PhaseIdle {
 		t.Fatalf("lock-2 started another update: %s", st.Phase)
+	}
+}
+
+// The server is killed with SIGKILL while a device is on trial and comes
+// back later: the device commits locally, its outcome report is refused by
+// the dead link, kept in the journal, and sent again once the server is
+// back; nothing the server acknowledged before the kill is lost.
+func TestOnlineServerKilledAndRestarted(t *testing.T) {
+	agentBin := agentBinary(t)
+	dataDir := t.TempDir()
+	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
+	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	srv := startServer(t, dataDir, addr)
+	d := onlineDevice(t, srv, "lock-9")
+	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
+	srv.run("release", "assign", "lock-2.0.0", "--device", "lock-9")
+	d.daemon(agentBin, func() bool { return false }) // installs, asks for a reboot
+	if got := lastUpdate(srv.device("lock-9")); got != "rebooting" {
+		t.Fatalf("before the kill the server recorded %q", got)
+	}
+	srv.cmd.Process.Signal(syscall.SIGKILL)
+	srv.cmd.Wait()
+
+	d.must("boot", "--config", d.cfg)
+	d.daemon(agentBin, func() bool {
+		st, _ := d.status()
+		return st.Last != nil
+	}) // commits on trial; the report cannot be delivered
+	st, f := d.status()
+	if st.Last.Result != agent.ResultCommitted || st.Last.Reported || f.RunningVersion != "2.0.0" {
+		t.Fatalf("with the server down: %+v %+v", st.Last, f)
+	}
+	srv2 := startServer(t, dataDir, addr)
+	if got := lastUpdate(srv2.device("lock-9")); got != "rebooting" {
+		t.Fatalf("after the restart the server has %q: an acknowledged report was lost", got)
+	}
+	d.daemon(agentBin, func() bool { return lastUpdate(srv2.device("lock-9")) == "committed" })
+	if st, _ := d.status(); !st.Last.Reported {
+		t.Fatalf("the outcome was stored but the device still thinks it unreported")
 	}
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -29,7 +30,11 @@ type Busy interface{ Retry() time.Duration }
 // when the device must reboot, or when ctx ends.
 func (r *Runner) Daemon(ctx context.Context, srv Server) error {
 	r.Reporter = ReporterFunc(func(ctx context.Context, o Outcome) error {
-		return srv.Report(ctx, r.finalReport(o))
+		if err := srv.Report(ctx, r.finalReport(o)); err != nil {
+			// The check-in loop sends it again, with its own back-off.
+			return fmt.Errorf("%w: %v", ErrReportLater, err)
+		}
+		return nil
 	})
 	r.Notify = func(s State) {
 		if s.Update == nil {

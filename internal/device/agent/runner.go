@@ -82,6 +82,11 @@ type NV interface {
 	Raise(boot.NVState) (boot.NVState, error)
 }
 
+// ErrReportLater, wrapped by a Reporter's error, says the outcome will be
+// sent again later by someone else (the daemon's check-in loop): the runner
+// then finishes the update without retrying, and leaves it unreported.
+var ErrReportLater = errors.New("report later")
+
 // ErrReboot is returned by Handle when the device must reboot to continue.
 var ErrReboot = errors.New("reboot required to continue the update")
 
@@ -436,7 +441,7 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 			if stop(err) {
 				return Event{}, err
 			}
-			return failed(err, true), nil
+			return failed(err, !errors.Is(err, ErrReportLater)), nil
 		}
 		return Event{Kind: EvReported}, nil
 	}
