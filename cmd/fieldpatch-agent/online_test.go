@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -257,4 +258,105 @@ func TestOnlineServerKilledAndRestarted(t *testing.T) {
 	if st, _ := d.status(); !st.Last.Reported {
 		t.Fatalf("the outcome was stored but the device still thinks it unreported")
 	}
+}
+
+// cutProxy forwards TCP to the server and cuts the first connection once it
+// has carried cutAfter bytes to the device; it counts every byte served.
+type cutProxy struct {
+	ln       net.Listener
+	target   string
+	cutAfter int64
+	mu       sync.Mutex
+	conns    int
+	served   int64
+}
+
+func (p *cutProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		p.conns++
+		first := p.conns == 1
+		p.mu.Unlock()
+		go func() {
+			defer c.Close()
+			up, err := net.Dial("tcp", p.target)
+			if err != nil {
+				return
+			}
+			defer up.Close()
+			go func() { io.Copy(up, c) }()
+			buf := make([]byte, 32<<10)
+			var n int64
+			for {
+				k, err := up.Read(buf)
+				if k > 0 {
+					if first && n+int64(k) > p.cutAfter {
+						return // the link drops
+					}
+					c.Write(buf[:k])
+					n += int64(k)
+					p.mu.Lock()
+					p.served += int64(k)
+					p.mu.Unlock()
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// The link drops in the middle of a 12 MiB download: the agent resumes from
+// its last durable checkpoint (4 MiB), so far fewer than two images' worth
+// of bytes are served, and the update completes.
+func TestOnlineDownloadResumesAfterTheLinkDrops(t *testing.T) {
+	agentBin := agentBinary(t)
+	dataDir := t.TempDir()
+	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
+	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
+	srv := startServer(t, dataDir, "127.0.0.1:0")
+	d := onlineDevice(t, srv, "lock-5")
+	big := filepath.Join(d.dir, "v2-big.img")
+	img := buildImage(t, "2.0.0", 2, 12<<20)
+	os.WriteFile(big, img, 0o644)
+	for _, s := range []string{"slot-a.img", "slot-b.img"} { // slots big enough
+		f, _ := os.OpenFile(filepath.Join(d.dir, s), os.O_WRONLY, 0)
+		f.Truncate(16 << 20)
+		f.Close()
+	}
+	srv.run("release", "upload", "--id", "lock-2.0.0-big", big)
+	srv.run("release", "assign", "lock-2.0.0-big", "--device", "lock-5")
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	p := &cutProxy{ln: ln, target: strings.TrimPrefix(srv.url, "https://"), cutAfter: 6 << 20}
+	go p.serve()
+	bundleJSON := filepath.Join(d.dir, "bundle", "bundle.json")
+	b, _ := os.ReadFile(bundleJSON)
+	os.WriteFile(bundleJSON, []byte(strings.Replace(string(b), srv.url, "https://"+ln.Addr().String(), 1)), 0o644)
+
+	d.daemon(agentBin, func() bool { return false }) // downloads (cut, resumed), installs, asks for a reboot
+	p.mu.Lock()
+	served, conns := p.served, p.conns
+	p.mu.Unlock()
+	if conns < 2 {
+		t.Fatalf("the link was never cut (%d connections)", conns)
+	}
+	// Cut at 6 MiB with a checkpoint at 4 MiB: a resumed download serves
+	// about image + 2 MiB, a restarted one image + 6 MiB.
+	if served >= int64(len(img))+4<<20 || served < int64(len(img)) {
+		t.Fatalf("%d bytes served for a %d-byte image: the download did not resume from its offset", served, len(img))
+	}
+	t.Logf("%d connections, %.1f MiB served for a %.1f MiB image", conns, float64(served)/(1<<20), float64(len(img))/(1<<20))
+	d.must("boot", "--config", d.cfg)
+	d.daemon(agentBin, func() bool { return lastUpdate(srv.device("lock-5")) == "committed" })
 }
