@@ -194,3 +194,25 @@ func TestExitCodesAndNoPartialOutput(t *testing.T) {
 		t.Errorf("temporary files left behind: %v", left)
 	}
 }
+
+// The server's settings: file, then environment, then flags.
+func TestServerConfigLayers(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "server.json")
+	os.WriteFile(f, []byte(`{"listen": "127.0.0.1:9000", "data_dir": "/srv/fp", "poll_interval": "10m", "hosts": ["ota.example"]}`), 0o644)
+	cfg, err := serverConfig(f)
+	if err != nil || cfg.Listen != "127.0.0.1:9000" || cfg.DataDir != "/srv/fp" || cfg.PollInterval.Minutes() != 10 || len(cfg.Hosts) != 1 {
+		t.Fatalf("from the file: %+v %v", cfg, err)
+	}
+	os.WriteFile(f, []byte(`{"listen": "x", "surprise": 1}`), 0o644)
+	if _, err := serverConfig(f); cli.Code(err) != cli.ExitUsage {
+		t.Errorf("unknown field: %v", err)
+	}
+	os.WriteFile(f, []byte(`{"poll_interval": "soon"}`), 0o644)
+	if _, err := serverConfig(f); cli.Code(err) != cli.ExitUsage {
+		t.Errorf("bad duration: %v", err)
+	}
+	if cfg, _ := serverConfig(""); cfg.Listen != "127.0.0.1:8443" || cfg.DataDir != "fieldpatch-data" {
+		t.Errorf("defaults: %+v", cfg)
+	}
+}

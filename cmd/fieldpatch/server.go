@@ -47,32 +47,97 @@ certificates issued by "fieldpatch device provision", operators with the
 admin token. Releases must be signed by a key in DIR/image-keys/*.pub.pem
 or given with --image-key.
 
-Flags take their defaults from FIELDPATCH_LISTEN and FIELDPATCH_DATA_DIR.`)
-	listen := fs.String("listen", envOr("FIELDPATCH_LISTEN", "127.0.0.1:8443"), "address to serve HTTPS on")
-	dataDir := fs.String("data-dir", envOr("FIELDPATCH_DATA_DIR", "fieldpatch-data"), "data directory")
+Settings come from an optional JSON file (--config: "listen", "data_dir",
+"hosts", "image_keys", "poll_interval"), then FIELDPATCH_LISTEN and
+FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
+	cfgFile := fs.String("config", "", "optional JSON configuration file")
+	listen := fs.String("listen", "", "address to serve HTTPS on (default 127.0.0.1:8443)")
+	dataDir := fs.String("data-dir", "", "data directory (default fieldpatch-data)")
 	var hosts, keys cli.Strings
 	fs.Var(&hosts, "host", "a name or address the server certificate covers (repeatable; default localhost, 127.0.0.1)")
 	fs.Var(&keys, "image-key", "an image-signing public key releases may be signed with (repeatable)")
-	poll := fs.Duration("poll-interval", time.Hour, "devices' base check-in interval")
+	poll := fs.Duration("poll-interval", 0, "devices' base check-in interval (default 1h)")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
 	}
+	cfg, err := serverConfig(*cfgFile)
+	if err != nil {
+		return err
+	}
+	for _, o := range []struct {
+		dst       *string
+		env, flag string
+	}{{&cfg.Listen, "FIELDPATCH_LISTEN", *listen}, {&cfg.DataDir, "FIELDPATCH_DATA_DIR", *dataDir}} {
+		if v := os.Getenv(o.env); v != "" {
+			*o.dst = v
+		}
+		if o.flag != "" {
+			*o.dst = o.flag
+		}
+	}
+	cfg.Hosts = append(cfg.Hosts, hosts...)
+	cfg.ImageKeys = append(cfg.ImageKeys, keys...)
+	if *poll > 0 {
+		cfg.PollInterval = *poll
+	}
+	if err := cfg.Validate(); err != nil {
+		return cli.Usagef("%v", err)
+	}
 	lg := slog.New(slog.NewTextHandler(stderr, nil))
-	srv, err := server.New(ctx, server.Config{Listen: *listen, DataDir: *dataDir, Hosts: hosts, ImageKeys: keys, PollInterval: *poll}, lg)
+	srv, err := server.New(ctx, cfg, lg)
 	if err != nil {
 		return cli.Failed(err)
 	}
 	defer srv.Close()
-	ln, err := net.Listen("tcp", *listen)
+	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return cli.Failed(err)
 	}
 	fmt.Fprintf(stdout, "serving on https://%s\n  CA certificate  %s\n  admin token     %s\n",
-		ln.Addr(), filepath.Join(*dataDir, "pki", "ca.pem"), filepath.Join(*dataDir, "admin.token"))
+		ln.Addr(), filepath.Join(cfg.DataDir, "pki", "ca.pem"), filepath.Join(cfg.DataDir, "admin.token"))
 	if err := srv.Serve(ctx, ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return cli.Failed(err)
 	}
 	return nil
+}
+
+// serverConfig reads the optional configuration file over the defaults.
+func serverConfig(path string) (server.Config, error) {
+	cfg := server.Config{Listen: "127.0.0.1:8443", DataDir: "fieldpatch-data", PollInterval: time.Hour}
+	if path == "" {
+		return cfg, nil
+	}
+	var f struct {
+		Listen       string   `json:"listen"`
+		DataDir      string   `json:"data_dir"`
+		Hosts        []string `json:"hosts"`
+		ImageKeys    []string `json:"image_keys"`
+		PollInterval string   `json:"poll_interval"`
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, cli.Failed(err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return cfg, cli.Usagef("%s: %v", path, err)
+	}
+	if f.Listen != "" {
+		cfg.Listen = f.Listen
+	}
+	if f.DataDir != "" {
+		cfg.DataDir = f.DataDir
+	}
+	cfg.Hosts, cfg.ImageKeys = f.Hosts, f.ImageKeys
+	if f.PollInterval != "" {
+		d, err := time.ParseDuration(f.PollInterval)
+		if err != nil || d <= 0 {
+			return cfg, cli.Usagef("%s: poll_interval %q: want a duration such as 1h", path, f.PollInterval)
+		}
+		cfg.PollInterval = d
+	}
+	return cfg, nil
 }
 
 // remote is a management API client.
