@@ -52,10 +52,11 @@ type liveServer struct {
 	cmd     *exec.Cmd
 }
 
-func startServer(t *testing.T, dataDir, listen string) *liveServer {
+func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServer {
 	t.Helper()
 	s := &liveServer{t: t, bin: fieldpatchBinary(t), dataDir: dataDir}
 	s.cmd = exec.Command(s.bin, "serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s")
+	s.cmd.Env = append(os.Environ(), env...)
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -361,4 +362,44 @@ func TestOnlineDownloadResumesAfterTheLinkDrops(t *testing.T) {
 	t.Logf("%d connections, %.1f MiB served for a %.1f MiB image", conns, float64(served)/(1<<20), float64(len(img))/(1<<20))
 	d.must("boot", "--config", d.cfg)
 	d.daemon(agentBin, func() bool { return lastUpdate(srv.device("lock-5")) == "committed" })
+}
+
+// Commits of the outcome report fail in the server's store (injected): the
+// server does not acknowledge them, and the device sends the outcome again
+// until one is stored.
+func TestOnlineReportCommitFailure(t *testing.T) {
+	agentBin := agentBinary(t)
+	dataDir := t.TempDir()
+	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
+	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
+	srv := startServer(t, dataDir, "127.0.0.1:0", "FIELDPATCH_TEST_FAIL_OUTCOME_REPORTS=2")
+	d := onlineDevice(t, srv, "lock-4")
+	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
+	srv.run("release", "assign", "lock-2.0.0", "--device", "lock-4")
+	d.daemon(agentBin, func() bool { return false })
+	d.must("boot", "--config", d.cfg)
+	sawUnreported := false
+	d.daemon(agentBin, func() bool {
+		if st, _ := d.status(); st.Last != nil && !st.Last.Reported {
+			sawUnreported = true
+		}
+		return lastUpdate(srv.device("lock-4")) == "committed"
+	})
+	if !sawUnreported {
+		t.Error("the device never held an unacknowledged outcome: the injected failures did not happen")
+	}
+	st, _ := d.status()
+	if st.Last == nil || st.Last.Result != agent.ResultCommitted {
+		t.Fatalf("device outcome %+v", st.Last)
+	}
+	// The daemon marks it reported once the server stored it.
+	deadline := time.Now().Add(10 * time.Second)
+	for !st.Last.Reported && time.Now().Before(deadline) {
+		d.daemon(agentBin, func() bool { s, _ := d.status(); return s.Last.Reported })
+		st, _ = d.status()
+	}
+	if !st.Last.Reported {
+		t.Fatal("the outcome stayed unreported after the server stored it")
+	}
 }

@@ -18,9 +18,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
 	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
@@ -116,6 +118,18 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	}
 	if len(keys) == 0 {
 		lg.Warn("no image-signing keys: every release upload will be refused", "add", filepath.Join(c.DataDir, "image-keys", "NAME.pub.pem"))
+	}
+	if n, _ := strconv.Atoi(os.Getenv("FIELDPATCH_TEST_FAIL_OUTCOME_REPORTS")); n > 0 {
+		// Test-only: the first n outcome reports fail to commit, as a full
+		// disk would make them, so tests can see devices send them again.
+		lg.Warn("test mode: failing outcome report commits", "count", n)
+		st.BeforeReportCommit = func(status string) error {
+			if proto.Final(status) && n > 0 {
+				n--
+				return errors.New("injected commit failure")
+			}
+			return nil
+		}
 	}
 	blobs := &blob.Store{Dir: filepath.Join(c.DataDir, "blobs")}
 	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval}

@@ -36,10 +36,29 @@ func (r *Runner) Daemon(ctx context.Context, srv Server) error {
 		}
 		return nil
 	})
-	r.Notify = func(s State) {
-		if s.Update == nil {
+	var current string // the update in progress, for progress reports
+	prevProgress := r.Progress
+	lastPct := -1
+	r.Progress = func(what string, done, total int64) {
+		if prevProgress != nil {
+			prevProgress(what, done, total)
+		}
+		if current == "" || total <= 0 {
 			return
 		}
+		// Downloads report each quarter; best effort, like the phase reports.
+		if pct := int(done * 4 / total * 25); what == "downloading" && pct != lastPct {
+			lastPct = pct
+			srv.Report(ctx, proto.Report{ReportID: fmt.Sprintf("%s-downloading-%d", current, pct), UpdateID: current,
+				Status: proto.StatusDownloading, Progress: float64(pct) / 100})
+		}
+	}
+	r.Notify = func(s State) {
+		if s.Update == nil {
+			current = ""
+			return
+		}
+		current = s.Update.ID
 		status := map[Phase]string{PhaseDownloading: proto.StatusDownloading, PhaseInstalling: proto.StatusInstalling, PhaseRebooting: proto.StatusRebooting}[s.Phase]
 		if status != "" {
 			// Best effort: progress reports may be lost; the outcome is not.
@@ -68,12 +87,8 @@ func (r *Runner) Daemon(ctx context.Context, srv Server) error {
 		}
 		// Jitter, so a fleet that lost its server does not return in step.
 		wait += time.Duration(rand.Int64N(int64(wait/10) + 1))
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if err := r.sleep(ctx, wait); err != nil {
+			return err
 		}
 	}
 }

@@ -131,6 +131,21 @@ func (r *Runner) log() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
+// sleep waits d (with Sleep if set), or until ctx ends.
+func (r *Runner) sleep(ctx context.Context, d time.Duration) error {
+	if r.Sleep != nil {
+		return r.Sleep(ctx, d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // Load reads the journal; a missing journal is an idle device.
 func (r *Runner) Load() (State, error) {
 	b, err := r.FS.ReadFile(r.journalPath())
@@ -303,20 +318,7 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 	lg := r.log()
 	switch f.Kind {
 	case FxSleep:
-		sleep := r.Sleep
-		if sleep == nil {
-			sleep = func(ctx context.Context, d time.Duration) error {
-				t := time.NewTimer(d)
-				defer t.Stop()
-				select {
-				case <-t.C:
-					return nil
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			}
-		}
-		return Event{}, sleep(ctx, f.Delay)
+		return Event{}, r.sleep(ctx, f.Delay)
 
 	case FxCheckServer:
 		return Event{Kind: EvNoUpdate}, nil // the server link comes with the update server

@@ -30,7 +30,11 @@ type Store struct {
 	// BeforeCommit, if set, runs before each write transaction commits; an
 	// error aborts the transaction. Tests inject commit failures with it.
 	BeforeCommit func() error
-	now          func() time.Time
+	// BeforeReportCommit, if set, runs before a report's transaction
+	// commits, with the report's status; an error aborts it. Tests inject
+	// failures on outcome reports with it.
+	BeforeReportCommit func(status string) error
+	now                func() time.Time
 }
 
 // migrations, in order; each runs once, in a transaction, and bumps
@@ -481,6 +485,9 @@ func (s *Store) RecordReport(ctx context.Context, deviceID string, r proto.Repor
 		_, err = tx.ExecContext(ctx, `UPDATE updates SET status = ?, progress = ?, reason = ?, log_tail = ?, updated_at = ?
 			WHERE id = ? AND status NOT IN ('committed', 'failed', 'rolled_back')`,
 			r.Status, r.Progress, r.Reason, r.LogTail, s.now().Unix(), r.UpdateID)
+		if err == nil && s.BeforeReportCommit != nil {
+			err = s.BeforeReportCommit(r.Status)
+		}
 		return err
 	})
 	return stored, err
