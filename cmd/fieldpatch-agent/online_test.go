@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"os"
@@ -18,30 +17,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 )
 
-var (
-	serverOnce sync.Once
-	serverBin  string
-	serverErr  error
-)
-
-func fieldpatchBinary(t *testing.T) string {
-	t.Helper()
-	serverOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "fieldpatch-bin")
-		if err != nil {
-			serverErr = err
-			return
-		}
-		serverBin = filepath.Join(dir, "fieldpatch")
-		if out, err := exec.Command("go", "build", "-o", serverBin, "../fieldpatch").CombinedOutput(); err != nil {
-			serverErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if serverErr != nil {
-		t.Fatal(serverErr)
-	}
-	return serverBin
-}
+func fieldpatchBinary(t *testing.T) string { return binary(t, "../fieldpatch", "fieldpatch") }
 
 // liveServer is a real `fieldpatch serve` process on loopback.
 type liveServer struct {
@@ -50,6 +26,17 @@ type liveServer struct {
 	dataDir string
 	url     string
 	cmd     *exec.Cmd
+}
+
+// newServer starts a server whose image key is the test key, in a new
+// data directory.
+func newServer(t *testing.T, listen string, env ...string) *liveServer {
+	t.Helper()
+	dataDir := t.TempDir()
+	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
+	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
+	return startServer(t, dataDir, listen, env...)
 }
 
 func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServer {
@@ -173,11 +160,7 @@ func lastUpdate(v deviceView) string {
 // server records why, and the release is not offered to it again.
 func TestOnlineUpdate(t *testing.T) {
 	agentBin := agentBinary(t)
-	dataDir := t.TempDir()
-	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
-	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
-	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
-	srv := startServer(t, dataDir, "127.0.0.1:0")
+	srv := newServer(t, "127.0.0.1:0")
 
 	good := onlineDevice(t, srv, "lock-1")
 	bad := onlineDevice(t, srv, "lock-2")
@@ -221,17 +204,14 @@ func TestOnlineUpdate(t *testing.T) {
 // back; nothing the server acknowledged before the kill is lost.
 func TestOnlineServerKilledAndRestarted(t *testing.T) {
 	agentBin := agentBinary(t)
-	dataDir := t.TempDir()
-	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
-	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
-	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	srv := startServer(t, dataDir, addr)
+	srv := newServer(t, addr)
+	dataDir := srv.dataDir
 	d := onlineDevice(t, srv, "lock-9")
 	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
 	srv.run("release", "assign", "lock-2.0.0", "--device", "lock-9")
@@ -317,11 +297,7 @@ func (p *cutProxy) serve() {
 // the update completes.
 func TestOnlineDownloadResumesAfterTheLinkDrops(t *testing.T) {
 	agentBin := agentBinary(t)
-	dataDir := t.TempDir()
-	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
-	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
-	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
-	srv := startServer(t, dataDir, "127.0.0.1:0")
+	srv := newServer(t, "127.0.0.1:0")
 	d := onlineDevice(t, srv, "lock-5")
 	big := filepath.Join(d.dir, "v2-big.img")
 	img := buildImage(t, "2.0.0", 2, 12<<20)
@@ -369,11 +345,7 @@ func TestOnlineDownloadResumesAfterTheLinkDrops(t *testing.T) {
 // until one is stored.
 func TestOnlineReportCommitFailure(t *testing.T) {
 	agentBin := agentBinary(t)
-	dataDir := t.TempDir()
-	os.MkdirAll(filepath.Join(dataDir, "image-keys"), 0o755)
-	pub, _ := os.ReadFile(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
-	os.WriteFile(filepath.Join(dataDir, "image-keys", "release.pub.pem"), pub, 0o644)
-	srv := startServer(t, dataDir, "127.0.0.1:0", "FIELDPATCH_TEST_FAIL_OUTCOME_REPORTS=2")
+	srv := newServer(t, "127.0.0.1:0", "FIELDPATCH_TEST_FAIL_OUTCOME_REPORTS=2")
 	d := onlineDevice(t, srv, "lock-4")
 	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
 	srv.run("release", "assign", "lock-2.0.0", "--device", "lock-4")

@@ -223,31 +223,31 @@ func TestWorkedMigrationHardCase(t *testing.T) {
 }
 
 var (
-	buildOnce sync.Once
-	builtBin  string
-	buildErr  error
+	buildMu    sync.Mutex
+	builtBins  = map[string]string{}
+	buildTmpOk sync.Once
+	buildDir   string
 )
 
-// agentBinary builds the real agent once, for tests that kill it.
-func agentBinary(t *testing.T) string {
+// binary builds a program of this module once per test run (the real
+// agent, for tests that kill it; the real server, for end-to-end tests).
+func binary(t *testing.T, pkg, name string) string {
 	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "fieldpatch-agent-bin")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		builtBin = filepath.Join(dir, "fieldpatch-agent")
-		out, err := exec.Command("go", "build", "-o", builtBin, ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := builtBins[name]; ok {
+		return p
 	}
-	return builtBin
+	buildTmpOk.Do(func() { buildDir, _ = os.MkdirTemp("", "fieldpatch-bins") })
+	p := filepath.Join(buildDir, name)
+	if out, err := exec.Command("go", "build", "-o", p, pkg).CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
+	}
+	builtBins[name] = p
+	return p
 }
+
+func agentBinary(t *testing.T) string { return binary(t, ".", "fieldpatch-agent") }
 
 // The kill test: the real agent process is stopped with SIGKILL in every
 // phase (the test-only pause point makes the moment exact, and the test
