@@ -1,8 +1,6 @@
 package slot
 
 import (
-	"math/rand/v2"
-	"sort"
 	"sync"
 )
 
@@ -96,20 +94,4 @@ func (p *Power) op(area string) (ok, now bool, frac float64, tear bool) {
 	p.cuts++
 	p.cutArea = area
 	return false, true, p.frac, p.tear
-}
-
-// Areas lists the areas in a count, sorted.
-func Areas(m map[string]int) []string {
-	var out []string
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
-
-// RandomCut picks a cut for a campaign: an operation in [1, total], a
-// fraction of its bytes, and whether the page tears.
-func RandomCut(r *rand.Rand, total int) (int, float64, bool) {
-	return 1 + r.IntN(total), r.Float64(), r.IntN(2) == 0
 }
