@@ -2,9 +2,12 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -195,6 +198,33 @@ func TestOnlineUpdate(t *testing.T) {
 	}
 	if st, _ := bad.status(); st.Phase != agent.PhaseIdle {
 		t.Fatalf("lock-2 started another update: %s", st.Phase)
+	}
+	// Operations: health, readiness and metrics that count what happened.
+	ca, _ := os.ReadFile(filepath.Join(srv.dataDir, "pki", "ca.pem"))
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	get := func(path string) string {
+		resp, err := hc.Get(srv.url + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %s", path, resp.Status)
+		}
+		return string(b)
+	}
+	if get("/healthz") != "ok\n" || get("/readyz") != "ready\n" {
+		t.Error("health endpoints")
+	}
+	m := get("/metrics")
+	for _, want := range []string{`fieldpatch_reports_total{status="committed"} 1`, `fieldpatch_reports_total{status="rolled_back"} 1`,
+		`fieldpatch_offers_total 2`, `fieldpatch_http_requests_total{api="device",code="200"}`, `fieldpatch_http_request_duration_seconds_bucket{api="device",le="+Inf"}`} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q", want)
+		}
 	}
 }
 

@@ -45,7 +45,9 @@ first start, with a CA, a server certificate and an admin token, which it
 reports). HTTPS only, TLS 1.3 and HTTP/2; devices authenticate with client
 certificates issued by "fieldpatch device provision", operators with the
 admin token. Releases must be signed by a key in DIR/image-keys/*.pub.pem
-or given with --image-key.
+or given with --image-key. Operations: Prometheus metrics at /metrics,
+liveness at /healthz, readiness (the database answers) at /readyz; on
+SIGINT or SIGTERM it stops accepting and finishes requests in flight.
 
 Settings come from an optional JSON file (--config: "listen", "data_dir",
 "hosts", "image_keys", "poll_interval"), then FIELDPATCH_LISTEN and
@@ -57,6 +59,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	fs.Var(&hosts, "host", "a name or address the server certificate covers (repeatable; default localhost, 127.0.0.1)")
 	fs.Var(&keys, "image-key", "an image-signing public key releases may be signed with (repeatable)")
 	poll := fs.Duration("poll-interval", 0, "devices' base check-in interval (default 1h)")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
 	}
@@ -83,7 +86,15 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	if err := cfg.Validate(); err != nil {
 		return cli.Usagef("%v", err)
 	}
-	lg := slog.New(slog.NewTextHandler(stderr, nil))
+	var lg *slog.Logger
+	switch *logFormat {
+	case "text":
+		lg = slog.New(slog.NewTextHandler(stderr, nil))
+	case "json":
+		lg = slog.New(slog.NewJSONHandler(stderr, nil))
+	default:
+		return cli.Usagef("--log-format %q: want text or json", *logFormat)
+	}
 	srv, err := server.New(ctx, cfg, lg)
 	if err != nil {
 		return cli.Failed(err)

@@ -25,6 +25,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
 	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
@@ -65,6 +66,7 @@ func (c *Config) Validate() error {
 
 // Server is a configured update server.
 type Server struct {
+	Metrics *metrics.Registry
 	Store   *store.Store
 	CA      *pki.CA
 	TLS     *tls.Config
@@ -132,13 +134,27 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		}
 	}
 	blobs := &blob.Store{Dir: filepath.Join(c.DataDir, "blobs")}
-	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval}
+	reg := metrics.New()
+	reg.Counter("fieldpatch_http_requests_total", "HTTP requests by API and status code.", "api", "code")
+	reg.Histogram("fieldpatch_http_request_duration_seconds", "HTTP request latency by API.", metrics.LatencyBuckets, "api")
+	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg}
 	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg}
 	mux := http.NewServeMux()
-	mux.Handle("/api/v1/", dev.Handler())
-	mux.Handle("/api/mgmt/v1/", mgmt.Handler())
+	mux.Handle("/api/v1/", instrument(reg, "device", dev.Handler()))
+	mux.Handle("/api/mgmt/v1/", instrument(reg, "management", mgmt.Handler()))
+	mux.Handle("GET /metrics", reg.Handler())
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := st.Ping(ctx); err != nil {
+			http.Error(w, "database: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
 	return &Server{
-		Store: st, CA: ca, Token: token, Handler: mux, log: lg,
+		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg,
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
 			Certificates: []tls.Certificate{cert},
@@ -170,6 +186,30 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return nil
 	}
 }
+
+// instrument counts requests and their latency.
+func instrument(reg *metrics.Registry, api string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		h.ServeHTTP(sw, r)
+		reg.Add("fieldpatch_http_requests_total", 1, api, strconv.Itoa(sw.code))
+		reg.Observe("fieldpatch_http_request_duration_seconds", metrics.Since(start), api)
+	})
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (s *statusWriter) WriteHeader(code int) {
+	s.code = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap lets http.ResponseController reach the real writer.
+func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 // Close closes the store.
 func (s *Server) Close() error { return s.Store.Close() }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
+	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 )
@@ -36,6 +37,8 @@ type API struct {
 	MaxInFlight int
 	// RetryAfter is what 503 answers ask devices to wait.
 	RetryAfter time.Duration
+	// Metrics, if set, counts check-ins, offers, downloads and reports.
+	Metrics *metrics.Registry
 
 	sem chan struct{}
 }
@@ -54,6 +57,15 @@ func (a *API) Handler() http.Handler {
 	if a.Log == nil {
 		a.Log = slog.New(slog.DiscardHandler)
 	}
+	if a.Metrics == nil {
+		a.Metrics = metrics.New()
+	}
+	a.Metrics.Counter("fieldpatch_checkins_total", "Device check-ins answered.")
+	a.Metrics.Counter("fieldpatch_offers_total", "Update offers made.")
+	a.Metrics.Counter("fieldpatch_downloads_total", "Image downloads started (including ranged resumptions).")
+	a.Metrics.Counter("fieldpatch_download_bytes_total", "Image bytes served.")
+	a.Metrics.Counter("fieldpatch_reports_total", "Device reports stored, by status.", "status")
+	a.Metrics.Counter("fieldpatch_shed_total", "Requests answered 503 because too many were in flight.")
 	a.sem = make(chan struct{}, a.MaxInFlight)
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+proto.PathCheckIn, a.device(a.checkIn))
@@ -73,6 +85,7 @@ func (a *API) device(h deviceHandler) http.HandlerFunc {
 		case a.sem <- struct{}{}:
 			defer func() { <-a.sem }()
 		default:
+			a.Metrics.Add("fieldpatch_shed_total", 1)
 			w.Header().Set("Retry-After", strconv.Itoa(int(a.RetryAfter.Seconds())))
 			fail(w, http.StatusServiceUnavailable, "server busy: retry later")
 			return
@@ -157,7 +170,9 @@ func (a *API) checkIn(w http.ResponseWriter, r *http.Request, id string) {
 		return
 	}
 	resp := proto.CheckInResponse{NextPollSeconds: a.jitter()}
+	a.Metrics.Add("fieldpatch_checkins_total", 1)
 	if up != nil {
+		a.Metrics.Add("fieldpatch_offers_total", 1)
 		resp.Offer = &proto.Offer{
 			UpdateID: up.ID,
 			URL:      proto.PathBlobs + rel.SHA256,
@@ -202,7 +217,10 @@ func (a *API) blob(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	w.Header().Set("ETag", `"`+sum+`"`)
 	w.Header().Set("Content-Type", "application/octet-stream")
-	http.ServeContent(w, r, "", fi.ModTime(), f)
+	a.Metrics.Add("fieldpatch_downloads_total", 1)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", fi.ModTime(), f)
+	a.Metrics.Add("fieldpatch_download_bytes_total", float64(cw.n))
 }
 
 func (a *API) report(w http.ResponseWriter, r *http.Request, id string) {
@@ -220,8 +238,26 @@ func (a *API) report(w http.ResponseWriter, r *http.Request, id string) {
 		return
 	}
 	a.Log.Info("report", "device", id, "update", rep.UpdateID, "status", rep.Status, "reason", rep.Reason, "new", stored)
+	if stored {
+		a.Metrics.Add("fieldpatch_reports_total", 1, rep.Status)
+	}
 	writeJSON(w, proto.ReportAck{ReportID: rep.ReportID, Stored: true})
 }
+
+// countingWriter counts the body bytes written.
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach the real writer.
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 
 // storeError answers a store failure: unknown records are 404 (and never
 // say whose they are); anything else is 500, so the device retries and
