@@ -37,6 +37,7 @@ var commands = []command{
 	{"device list", "list devices", runDeviceList},
 	{"device show", "show a device and its updates", runDeviceShow},
 	{"device retry", "offer a failed release to a device again", runDeviceRetry},
+	{"device revoke", "refuse a device from its next request on", runDeviceRevoke},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		fmt.Fprintln(stdout, "fieldpatch", version)
 		return nil

@@ -361,6 +361,29 @@ func runDeviceRetry(ctx context.Context, args []string, stdout, stderr io.Writer
 	return r.do(ctx, "POST", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0])+"/retry", jsonBody(map[string]string{"release": pos[1]}), nil)
 }
 
+func runDeviceRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device revoke", "ID [server flags]",
+		`Revokes a device (stolen, compromised or decommissioned): from its next
+request on, the server refuses it everywhere, whatever certificate it holds.`)
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return cli.Usagef("want one device ID")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	if err := r.do(ctx, "POST", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0])+"/revoke", nil, nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "revoked %s\n", pos[0])
+	return nil
+}
+
 // Bundle is the provisioning bundle's manifest (bundle.json); the
 // certificates and the device key sit beside it.
 type Bundle struct {

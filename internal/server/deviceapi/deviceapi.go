@@ -99,6 +99,14 @@ func (a *API) device(h deviceHandler) http.HandlerFunc {
 			fail(w, http.StatusForbidden, "the certificate names no valid device")
 			return
 		}
+		if err := a.Store.Active(r.Context(), id); err != nil {
+			if errors.Is(err, store.ErrRevoked) || errors.Is(err, store.ErrNotFound) {
+				fail(w, http.StatusForbidden, "this device is not allowed: revoked or unknown")
+				return
+			}
+			a.storeError(w, "device lookup", id, err)
+			return
+		}
 		h(w, r, id)
 	}
 }

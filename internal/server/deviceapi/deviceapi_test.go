@@ -256,3 +256,31 @@ func TestLoadShedding(t *testing.T) {
 		t.Fatalf("%d, Retry-After %q", rec.Code, rec.Header().Get("Retry-After"))
 	}
 }
+
+// A revoked device is refused on its next request, on every endpoint.
+func TestRevokedDeviceRefused(t *testing.T) {
+	e := newEnv(t)
+	c := e.client("lock-1", e.ca, 0)
+	_, body := e.post(c, proto.PathCheckIn, checkin)
+	var cr proto.CheckInResponse
+	json.Unmarshal(body, &cr)
+	if err := e.st.Revoke(context.Background(), "lock-1"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, _ := e.post(c, proto.PathCheckIn, checkin); resp.StatusCode != 403 {
+		t.Errorf("check-in after revocation: %s", resp.Status)
+	}
+	if resp, _ := e.post(c, proto.PathReports, proto.Report{ReportID: "r", UpdateID: cr.Offer.UpdateID, Status: proto.StatusCommitted}); resp.StatusCode != 403 {
+		t.Errorf("report after revocation: %s", resp.Status)
+	}
+	if resp, err := c.Get(e.srv.URL + cr.Offer.URL); err != nil || resp.StatusCode != 403 {
+		t.Errorf("download after revocation: %v %v", resp.Status, err)
+	}
+	// A certificate for a device the server never registered is refused too.
+	if resp, _ := e.post(e.client("stranger", e.ca, 0), proto.PathCheckIn, checkin); resp.StatusCode != 403 {
+		t.Errorf("unregistered device: %s", resp.Status)
+	}
+	if err := e.st.Revoke(context.Background(), "lock-1"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("revoking twice: %v", err)
+	}
+}

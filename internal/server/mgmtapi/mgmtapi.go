@@ -56,6 +56,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST "+PathDevices, a.auth(a.provision))
 	mux.HandleFunc("GET "+PathDevices+"/{id}", a.auth(a.showDevice))
 	mux.HandleFunc("POST "+PathDevices+"/{id}/retry", a.auth(a.retry))
+	mux.HandleFunc("POST "+PathDevices+"/{id}/revoke", a.auth(a.revoke))
 	return mux
 }
 
@@ -266,6 +267,16 @@ func (a *API) provision(w http.ResponseWriter, r *http.Request) {
 	}
 	a.Log.Info("device provisioned", "device", req.ID, "groups", req.Groups)
 	writeJSON(w, http.StatusCreated, resp)
+}
+
+func (a *API) revoke(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if err := a.Store.Revoke(r.Context(), id); err != nil {
+		a.storeError(w, err)
+		return
+	}
+	a.Log.Warn("device revoked", "device", id)
+	writeJSON(w, http.StatusOK, map[string]string{"revoked": id})
 }
 
 func (a *API) retry(w http.ResponseWriter, r *http.Request) {

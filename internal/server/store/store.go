@@ -108,6 +108,7 @@ var migrations = []string{
 		received_at INTEGER NOT NULL,
 		PRIMARY KEY (device_id, report_id)
 	);`,
+	`ALTER TABLE devices ADD COLUMN revoked_at INTEGER NOT NULL DEFAULT 0;`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
@@ -125,6 +126,40 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return s, nil
+}
+
+// ErrRevoked is returned for a device an operator revoked.
+var ErrRevoked = errors.New("device revoked")
+
+// Active says whether a device may use the device API: it exists and is
+// not revoked. One primary-key lookup, on every device request, so a
+// revocation takes effect at the device's next request.
+func (s *Store) Active(ctx context.Context, id string) error {
+	var revoked int64
+	err := s.db.QueryRowContext(ctx, `SELECT revoked_at FROM devices WHERE id = ?`, id).Scan(&revoked)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	case err != nil:
+		return err
+	case revoked != 0:
+		return fmt.Errorf("device %s: %w", id, ErrRevoked)
+	}
+	return nil
+}
+
+// Revoke refuses a device from now on (a stolen or decommissioned one).
+func (s *Store) Revoke(ctx context.Context, id string) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at = 0`, s.now().Unix(), id)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return fmt.Errorf("device %s (or already revoked): %w", id, ErrNotFound)
+		}
+		return nil
+	})
 }
 
 // Ping checks that the database answers.
@@ -211,6 +246,7 @@ type Device struct {
 	Phase           string            `json:"phase,omitempty"`
 	Groups          []string          `json:"groups,omitempty"`
 	LastSeen        time.Time         `json:"last_seen"`
+	Revoked         bool              `json:"revoked,omitempty"`
 }
 
 // AddDevice registers a device (at provisioning), in the given groups.
@@ -257,9 +293,10 @@ func (s *Store) CheckIn(ctx context.Context, id string, c proto.CheckIn) error {
 func (s *Store) GetDevice(ctx context.Context, id string) (*Device, error) {
 	var d Device
 	var attrs string
-	var seen int64
-	err := s.db.QueryRowContext(ctx, `SELECT id, hw_class, version, slot, security_counter, key_epoch, time_zone, attributes, phase, last_seen
-		FROM devices WHERE id = ?`, id).Scan(&d.ID, &d.HWClass, &d.Version, &d.Slot, &d.SecurityCounter, &d.KeyEpoch, &d.TimeZone, &attrs, &d.Phase, &seen)
+	var seen, revoked int64
+	err := s.db.QueryRowContext(ctx, `SELECT id, hw_class, version, slot, security_counter, key_epoch, time_zone, attributes, phase, last_seen, revoked_at
+		FROM devices WHERE id = ?`, id).Scan(&d.ID, &d.HWClass, &d.Version, &d.Slot, &d.SecurityCounter, &d.KeyEpoch, &d.TimeZone, &attrs, &d.Phase, &seen, &revoked)
+	d.Revoked = revoked != 0
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("device %s: %w", id, ErrNotFound)
 	}
