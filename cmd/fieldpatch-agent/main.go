@@ -33,6 +33,7 @@ Commands:
   commit     commit a trial by hand (skipping the remaining health checks)
   rollback   abandon the update: roll a trial back, or cancel one not yet booted
   status     the update in progress, the last outcome, what the device runs
+  renew      renew the device certificate now
   boot       run the A/B boot selector: decide which slot boots, and record it
   env        print or change the boot environment (any layout)
   nv         show (or, at provisioning, create) the non-volatile store
@@ -86,6 +87,8 @@ clears the trial (then reboots into the old slot); before the trial boot,
 cancels the update and disarms the trial.`)(ctx, args[1:], stdout, stderr)
 	case "status":
 		err = runStatus(ctx, args[1:], stdout, stderr)
+	case "renew":
+		err = runRenew(ctx, args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "fieldpatch-agent: unknown command %q\n\n", args[0])
 		usage(stderr)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -404,4 +405,76 @@ func TestOnlineReportCommitFailure(t *testing.T) {
 	if !st.Last.Reported {
 		t.Fatal("the outcome stayed unreported after the server stored it")
 	}
+}
+
+// enrollingDevice is a device whose config enrolls it on first start.
+func enrollingDevice(t *testing.T, s *liveServer, id, token string) *fileDevice {
+	t.Helper()
+	d := newFileDevice(t)
+	ca, _ := os.ReadFile(filepath.Join(s.dataDir, "pki", "ca.pem"))
+	os.WriteFile(filepath.Join(d.dir, "server-ca.pem"), ca, 0o644)
+	enroll := map[string]string{"server": s.url, "ca": "server-ca.pem", "device_id": id, "poll": "200ms"}
+	if token != "" {
+		os.WriteFile(filepath.Join(d.dir, "token"), []byte(token+"\n"), 0o600)
+		enroll["token_file"] = "token"
+	}
+	var cfg map[string]any
+	b, _ := os.ReadFile(d.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["link"] = map[string]any{"bundle": "bundle", "enroll": enroll}
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(d.cfg, b, 0o644)
+	return d
+}
+
+// Enrollment by a fleet token and by an operator's approval; a token's uses
+// run out; the certificate is renewed with a new key.
+func TestOnlineEnrollment(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0")
+	token := strings.Fields(srv.run("enroll-token", "create", "--group", "lab", "--uses", "1", "--ttl", "1h"))[0]
+
+	byToken := enrollingDevice(t, srv, "lock-20", token)
+	byToken.daemon(agentBin, func() bool { return !srv.device("lock-20").LastSeen.IsZero() })
+	var listed []struct {
+		ID     string   `json:"id"`
+		Groups []string `json:"groups"`
+	}
+	json.Unmarshal([]byte(srv.run("device", "list", "--json")), &listed)
+	if len(listed) != 1 || listed[0].ID != "lock-20" || len(listed[0].Groups) != 1 || listed[0].Groups[0] != "lab" {
+		t.Fatalf("devices after enrolling by token: %+v", listed)
+	}
+	if fi, err := os.Stat(filepath.Join(byToken.dir, "bundle", "device.key.pem")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the device key: %v", err)
+	}
+
+	// The token had one use.
+	second := enrollingDevice(t, srv, "lock-21", token)
+	out, err := exec.Command(agentBin, "run", "--config", second.cfg).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "403") {
+		t.Fatalf("a used-up token enrolled another device: %v\n%s", err, out)
+	}
+
+	// Without a token the device waits for approval.
+	waiting := enrollingDevice(t, srv, "lock-22", "")
+	approved := false
+	waiting.daemon(agentBin, func() bool {
+		if !approved && strings.Contains(srv.run("device", "pending"), "lock-22") {
+			srv.run("device", "approve", "lock-22", "--group", "lab")
+			approved = true
+		}
+		return approved && !srv.device("lock-22").LastSeen.IsZero()
+	})
+
+	// Renewal: a new key and certificate, and the device keeps working.
+	before, _ := os.ReadFile(filepath.Join(byToken.dir, "bundle", "device.pem"))
+	if out := byToken.must("renew", "--config", byToken.cfg); !strings.Contains(out, "renewed") {
+		t.Fatalf("renew said %q", out)
+	}
+	identity, err := os.ReadFile(filepath.Join(byToken.dir, "bundle", "identity.pem"))
+	if err != nil || bytes.Contains(identity, before) {
+		t.Fatalf("renewal did not replace the certificate: %v", err)
+	}
+	seen := srv.device("lock-20").LastSeen
+	byToken.daemon(agentBin, func() bool { return srv.device("lock-20").LastSeen.After(seen) })
 }

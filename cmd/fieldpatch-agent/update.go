@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
@@ -170,9 +172,9 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 	}
 	defer done()
 	if stay && cfg.Link != nil {
-		l, err := link.Open(cfg.Path(cfg.Link.Bundle))
+		l, err := openLink(ctx, cfg, stderr, false)
 		if err != nil {
-			return cli.Failed(err)
+			return err
 		}
 		r.Fetcher = &agent.HTTPFetcher{Client: l.HTTP}
 		err = r.Daemon(ctx, l)
@@ -190,6 +192,76 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		return err
 	}
 	<-ctx.Done()
+	return nil
+}
+
+// openLink opens the link to the server: it enrolls first when the
+// config says how and there is no bundle yet, and renews the certificate
+// when a third of its lifetime is left (or always, with force).
+func openLink(ctx context.Context, cfg *agent.Config, stderr io.Writer, force bool) (*link.Link, error) {
+	dir := cfg.Path(cfg.Link.Bundle)
+	if _, err := os.Stat(filepath.Join(dir, "bundle.json")); err != nil && cfg.Link.Enroll != nil {
+		e := cfg.Link.Enroll
+		ec := link.EnrollConfig{Server: e.Server, CAFile: cfg.Path(e.CA), DeviceID: e.DeviceID}
+		if e.TokenFile != "" {
+			tok, err := os.ReadFile(cfg.Path(e.TokenFile))
+			if err != nil {
+				return nil, cli.Failed(err)
+			}
+			ec.Token = strings.TrimSpace(string(tok))
+		}
+		if e.Poll != "" {
+			ec.Poll, _ = time.ParseDuration(e.Poll)
+		}
+		fmt.Fprintf(stderr, "enrolling %s with %s\n", e.DeviceID, e.Server)
+		if err := link.Enroll(ctx, ec, dir, func(m string) { fmt.Fprintln(stderr, m) }); err != nil {
+			return nil, cli.Failed(err)
+		}
+	}
+	l, err := link.Open(dir)
+	if err != nil {
+		return nil, cli.Failed(err)
+	}
+	cert, err := l.Certificate()
+	if err != nil {
+		return nil, cli.Failed(err)
+	}
+	if force || link.NeedsRenewal(cert, time.Now()) {
+		if _, err := l.Renew(ctx); err != nil {
+			return nil, cli.Failed(fmt.Errorf("renew the device certificate: %w", err))
+		}
+		if l, err = link.Open(dir); err != nil {
+			return nil, cli.Failed(err)
+		}
+	}
+	return l, nil
+}
+
+func runRenew(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch-agent", "renew", "--config FILE",
+		`Renews the device's certificate now: a new key, certified by the server
+with the current certificate, replacing the old pair atomically. The daemon
+does this by itself when a third of the certificate's lifetime is left.`)
+	cfgPath := fs.String("config", "", "device config file")
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	cfg, err := agent.LoadConfig(*cfgPath)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	if cfg.Link == nil {
+		return cli.Usagef("the config has no link to a server")
+	}
+	l, err := openLink(ctx, cfg, stderr, true)
+	if err != nil {
+		return err
+	}
+	cert, err := l.Certificate()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	fmt.Fprintf(stdout, "renewed: valid until %s\n", cert.NotAfter.UTC().Format(time.RFC3339))
 	return nil
 }
 

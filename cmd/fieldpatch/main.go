@@ -38,6 +38,9 @@ var commands = []command{
 	{"device show", "show a device and its updates", runDeviceShow},
 	{"device retry", "offer a failed release to a device again", runDeviceRetry},
 	{"device revoke", "refuse a device from its next request on", runDeviceRevoke},
+	{"device approve", "let in a device waiting for approval", runDeviceApprove},
+	{"device pending", "list devices waiting for approval", runDevicePending},
+	{"enroll-token create", "make a fleet enrollment token", runEnrollToken},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		fmt.Fprintln(stdout, "fieldpatch", version)
 		return nil

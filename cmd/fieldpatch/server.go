@@ -60,6 +60,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	fs.Var(&keys, "image-key", "an image-signing public key releases may be signed with (repeatable)")
 	poll := fs.Duration("poll-interval", 0, "devices' base check-in interval (default 1h)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	certLife := fs.Duration("device-cert-lifetime", 0, "validity of device certificates (default 8760h); agents renew at a third left")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
 	}
@@ -83,6 +84,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	if *poll > 0 {
 		cfg.PollInterval = *poll
 	}
+	cfg.DeviceCertLifetime = *certLife
 	if err := cfg.Validate(); err != nil {
 		return cli.Usagef("%v", err)
 	}
@@ -359,6 +361,83 @@ func runDeviceRetry(ctx context.Context, args []string, stdout, stderr io.Writer
 		return err
 	}
 	return r.do(ctx, "POST", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0])+"/retry", jsonBody(map[string]string{"release": pos[1]}), nil)
+}
+
+func runEnrollToken(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "enroll-token create", "[--group G] [--ttl 24h] [--uses N] [server flags]",
+		`Makes a fleet enrollment token: devices whose agent is configured with it
+enroll on their own (make their key, get a certificate) and join the group.
+The token is printed once; the server keeps only its hash.`)
+	group := fs.String("group", "", "group the enrolled devices join")
+	ttl := fs.Duration("ttl", 24*time.Hour, "how long the token works")
+	uses := fs.Int("uses", 1, "how many devices may enroll with it")
+	asJSON := fs.Bool("json", false, "print JSON")
+	conn := remoteFlags(fs)
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	var resp mgmtapi.TokenResponse
+	if err := r.do(ctx, "POST", mgmtapi.PathTokens, jsonBody(mgmtapi.TokenRequest{Group: *group, TTL: ttl.String(), Uses: *uses}), &resp); err != nil {
+		return err
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, resp)
+	}
+	fmt.Fprintf(stdout, "%s\n(valid until %s for %d devices)\n", resp.Token, resp.Expires.UTC().Format(time.RFC3339), resp.Uses)
+	return nil
+}
+
+func runDeviceApprove(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device approve", "ID [--group G...] [server flags]",
+		`Lets in a device waiting for approval (it enrolled without a token); its
+agent receives its certificate at its next enrollment attempt.`)
+	var groups cli.Strings
+	fs.Var(&groups, "group", "a group the device joins (repeatable)")
+	conn := remoteFlags(fs)
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return cli.Usagef("want one device ID")
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	if err := r.do(ctx, "POST", mgmtapi.PathDevices+"/"+url.PathEscape(pos[0])+"/approve", jsonBody(map[string][]string{"groups": groups}), nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "approved %s\n", pos[0])
+	return nil
+}
+
+func runDevicePending(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "device pending", "[--json] [server flags]", "Lists devices waiting for approval.")
+	asJSON := fs.Bool("json", false, "print JSON")
+	conn := remoteFlags(fs)
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	var ids []string
+	if err := r.do(ctx, "GET", mgmtapi.PathPending, nil, &ids); err != nil {
+		return err
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, ids)
+	}
+	for _, id := range ids {
+		fmt.Fprintln(stdout, id)
+	}
+	return nil
 }
 
 func runDeviceRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -30,6 +30,8 @@ const (
 	PathCheckIn = "/api/v1/checkin"
 	PathBlobs   = "/api/v1/blobs/" // followed by the blob's SHA-256 in hex
 	PathReports = "/api/v1/reports"
+	PathEnroll  = "/api/v1/enroll" // no client certificate: how a device gets one
+	PathRenew   = "/api/v1/renew"  // with the current certificate: a new one for a new key
 )
 
 // Limits on what a device may send.
@@ -122,6 +124,28 @@ type Report struct {
 type ReportAck struct {
 	ReportID string `json:"report_id"`
 	Stored   bool   `json:"stored"`
+}
+
+// EnrollRequest asks for a device certificate: with a fleet enrollment
+// token it is issued at once; without one the device waits, asking again,
+// until an operator approves it.
+type EnrollRequest struct {
+	DeviceID  string `json:"device_id"`
+	PublicKey string `json:"public_key"` // PEM SubjectPublicKeyInfo of a key the device made
+	Token     string `json:"token,omitempty"`
+}
+
+// EnrollResponse answers an enrollment.
+type EnrollResponse struct {
+	Status  string `json:"status"` // "enrolled" or "pending"
+	CertPEM string `json:"cert_pem,omitempty"`
+	CAPEM   string `json:"ca_pem,omitempty"`
+}
+
+// RenewRequest asks for a new certificate for a new key, before the
+// current one expires.
+type RenewRequest struct {
+	PublicKey string `json:"public_key"`
 }
 
 // Error is the body of every 4xx and 5xx answer.

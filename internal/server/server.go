@@ -47,6 +47,9 @@ type Config struct {
 	ImageKeys []string
 	// PollInterval is the devices' base check-in interval.
 	PollInterval time.Duration
+	// DeviceCertLifetime is how long device certificates are valid
+	// (default pki.DefaultDeviceLifetime); agents renew at a third left.
+	DeviceCertLifetime time.Duration
 }
 
 // Validate checks the configuration.
@@ -96,6 +99,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	if created {
 		lg.Info("created a certificate authority for devices", "ca", filepath.Join(pkiDir, "ca.pem"))
 	}
+	ca.DeviceLifetime = c.DeviceCertLifetime
 	hosts := c.Hosts
 	if len(hosts) == 0 {
 		hosts = []string{"localhost", "127.0.0.1", "::1"}
@@ -137,7 +141,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	reg := metrics.New()
 	reg.Counter("fieldpatch_http_requests_total", "HTTP requests by API and status code.", "api", "code")
 	reg.Histogram("fieldpatch_http_request_duration_seconds", "HTTP request latency by API.", metrics.LatencyBuckets, "api")
-	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg}
+	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg, CA: ca}
 	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg}
 	mux := http.NewServeMux()
 	mux.Handle("/api/v1/", instrument(reg, "device", dev.Handler()))

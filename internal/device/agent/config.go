@@ -60,7 +60,21 @@ type Config struct {
 type LinkConfig struct {
 	// Bundle is the provisioning bundle directory (fieldpatch device
 	// provision writes it): server URL, device key and certificate, CA.
+	// With Enroll set, the agent writes it itself on first start.
 	Bundle string `json:"bundle"`
+	// Enroll, when the bundle does not exist yet, enrolls the device.
+	Enroll *EnrollConfig `json:"enroll,omitempty"`
+}
+
+// EnrollConfig is how a device without a bundle enrolls: it makes its own
+// key and asks the server for a certificate, with a fleet token or by
+// waiting for an operator's approval.
+type EnrollConfig struct {
+	Server    string `json:"server"`               // the server's URL
+	CA        string `json:"ca"`                   // its CA certificate, shipped with the firmware
+	DeviceID  string `json:"device_id"`            // e.g. the serial number
+	TokenFile string `json:"token_file,omitempty"` // a fleet enrollment token; absent: wait for approval
+	Poll      string `json:"poll,omitempty"`       // between attempts while pending (default 30s)
 }
 
 // LoadConfig reads and validates an agent config file.
@@ -87,6 +101,17 @@ func (c *Config) Validate() error {
 	errs := []error{c.Config.Validate()}
 	if c.Link != nil && c.Link.Bundle == "" {
 		errs = append(errs, errors.New("link.bundle is required when link is given"))
+	}
+	if c.Link != nil && c.Link.Enroll != nil {
+		e := c.Link.Enroll
+		if e.Server == "" || e.CA == "" || e.DeviceID == "" {
+			errs = append(errs, errors.New("link.enroll needs server, ca and device_id"))
+		}
+		if e.Poll != "" {
+			if d, err := time.ParseDuration(e.Poll); err != nil || d <= 0 {
+				errs = append(errs, fmt.Errorf("link.enroll.poll %q: want a duration", e.Poll))
+			}
+		}
 	}
 	if c.HookTimeout != "" {
 		if d, err := time.ParseDuration(c.HookTimeout); err != nil || d <= 0 {

@@ -7,9 +7,14 @@ package link
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -58,7 +63,7 @@ func Open(dir string) (*Link, error) {
 	if bun.Server == "" || proto.ValidID("device", bun.DeviceID) != nil {
 		return nil, fmt.Errorf("provisioning bundle %s: server and device_id are required", dir)
 	}
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "device.pem"), filepath.Join(dir, "device.key.pem"))
+	cert, err := loadIdentity(dir)
 	if err != nil {
 		return nil, fmt.Errorf("provisioning bundle %s: %w", dir, err)
 	}
@@ -141,6 +146,230 @@ func (l *Link) Report(ctx context.Context, r proto.Report) error {
 	}
 	if !ack.Stored || ack.ReportID != r.ReportID {
 		return errors.New("the server did not acknowledge the report")
+	}
+	return nil
+}
+
+// identityFile holds a renewed certificate and its key together, so that
+// replacing both is one atomic rename; Open prefers it to the bundle's
+// device.pem and device.key.pem.
+const identityFile = "identity.pem"
+
+func loadIdentity(dir string) (tls.Certificate, error) {
+	if b, err := os.ReadFile(filepath.Join(dir, identityFile)); err == nil {
+		return tls.X509KeyPair(b, b)
+	}
+	return tls.LoadX509KeyPair(filepath.Join(dir, "device.pem"), filepath.Join(dir, "device.key.pem"))
+}
+
+// Certificate returns the device's current certificate.
+func (l *Link) Certificate() (*x509.Certificate, error) {
+	c, err := loadIdentity(l.Bundle.Dir)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(c.Certificate[0])
+}
+
+// NeedsRenewal says whether a certificate has a third or less of its
+// lifetime left at now.
+func NeedsRenewal(c *x509.Certificate, now time.Time) bool {
+	life := c.NotAfter.Sub(c.NotBefore)
+	return c.NotAfter.Sub(now) <= life/3
+}
+
+// Renew makes a new key, has the server certify it (authenticating with the
+// current certificate), and replaces the identity atomically.
+func (l *Link) Renew(ctx context.Context) (*x509.Certificate, error) {
+	_, pubPEM, keyPEM, err := newKey()
+	if err != nil {
+		return nil, err
+	}
+	var resp proto.EnrollResponse
+	if err := l.post(ctx, proto.PathRenew, proto.RenewRequest{PublicKey: pubPEM}, &resp); err != nil {
+		return nil, err
+	}
+	cert, err := parseCert(resp.CertPEM)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeAtomic(filepath.Join(l.Bundle.Dir, identityFile), append([]byte(resp.CertPEM), keyPEM...), 0o600); err != nil {
+		return nil, err
+	}
+	return cert, nil
+}
+
+// EnrollConfig says how a device without a bundle gets one.
+type EnrollConfig struct {
+	Server   string // the server's URL
+	CAFile   string // the server's CA certificate, shipped with the firmware
+	DeviceID string
+	Token    string        // a fleet enrollment token; empty: wait for approval
+	Poll     time.Duration // between attempts while pending (default 30s)
+}
+
+// ErrPending is what Enroll returns while the device waits for approval
+// and ctx ends.
+var ErrPending = errors.New("enrollment pending approval")
+
+// Enroll makes the device's key (once; it is kept for every attempt), asks
+// the server for a certificate, waits while approval is pending, and writes
+// the bundle into dir.
+func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) error {
+	if err := proto.ValidID("device id", c.DeviceID); err != nil {
+		return err
+	}
+	caPEM, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return fmt.Errorf("%s: no CA certificate", c.CAFile)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	keyPath := filepath.Join(dir, "device.key.pem")
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		_, _, kp, err := newKey()
+		if err != nil {
+			return err
+		}
+		if err := writeAtomic(keyPath, kp, 0o600); err != nil {
+			return err
+		}
+		keyPEM = kp
+	}
+	pubPEM, err := publicPEM(keyPEM)
+	if err != nil {
+		return err
+	}
+	l := &Link{Bundle: Bundle{Server: c.Server, DeviceID: c.DeviceID, Dir: dir},
+		HTTP: &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool}}}}
+	poll := c.Poll
+	if poll <= 0 {
+		poll = 30 * time.Second
+	}
+	for {
+		var resp proto.EnrollResponse
+		err := l.postStatus(ctx, proto.PathEnroll, proto.EnrollRequest{DeviceID: c.DeviceID, PublicKey: pubPEM, Token: c.Token}, &resp)
+		if err != nil {
+			return err
+		}
+		if resp.Status == "enrolled" {
+			manifest, _ := json.MarshalIndent(Bundle{Server: c.Server, DeviceID: c.DeviceID}, "", "  ")
+			for _, f := range []struct {
+				name string
+				data []byte
+			}{{"device.pem", []byte(resp.CertPEM)}, {"ca.pem", []byte(resp.CAPEM)}, {"bundle.json", manifest}} {
+				if err := writeAtomic(filepath.Join(dir, f.name), f.data, 0o644); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		if log != nil {
+			log("enrollment pending approval by an operator")
+		}
+		t := time.NewTimer(poll)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ErrPending
+		case <-t.C:
+		}
+	}
+}
+
+// postStatus is post that also accepts 202 (a pending enrollment).
+func (l *Link) postStatus(ctx context.Context, path string, in any, out *proto.EnrollResponse) error {
+	body, _ := json.Marshal(in)
+	req, err := http.NewRequestWithContext(ctx, "POST", l.URL(path), bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := l.HTTP.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, proto.MaxBodyBytes))
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusAccepted {
+		var pe proto.Error
+		json.Unmarshal(b, &pe)
+		return fmt.Errorf("enroll: %s: %s", resp.Status, pe.Error)
+	}
+	return json.Unmarshal(b, out)
+}
+
+func newKey() (*ecdsa.PrivateKey, string, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	pubPEM, err := publicPEM(keyPEM)
+	return key, pubPEM, keyPEM, err
+}
+
+func publicPEM(keyPEM []byte) (string, error) {
+	block, _ := pem.Decode(keyPEM)
+	if block == nil {
+		return "", errors.New("device key: no PEM block")
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return "", err
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return "", errors.New("device key: not a signing key")
+	}
+	der, err := x509.MarshalPKIXPublicKey(s.Public())
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+}
+
+func parseCert(p string) (*x509.Certificate, error) {
+	block, _ := pem.Decode([]byte(p))
+	if block == nil {
+		return nil, errors.New("no certificate in the answer")
+	}
+	return x509.ParseCertificate(block.Bytes)
+}
+
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
 	}
 	return nil
 }

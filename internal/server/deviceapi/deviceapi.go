@@ -7,6 +7,7 @@ package deviceapi
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -39,6 +40,9 @@ type API struct {
 	RetryAfter time.Duration
 	// Metrics, if set, counts check-ins, offers, downloads and reports.
 	Metrics *metrics.Registry
+	// CA issues certificates to enrolling and renewing devices; nil turns
+	// enrollment off.
+	CA *pki.CA
 
 	sem chan struct{}
 }
@@ -72,6 +76,8 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET "+proto.PathBlobs+"{sum}", a.device(a.blob))
 	mux.HandleFunc("HEAD "+proto.PathBlobs+"{sum}", a.device(a.blob))
 	mux.HandleFunc("POST "+proto.PathReports, a.device(a.report))
+	mux.HandleFunc("POST "+proto.PathRenew, a.device(a.renew))
+	mux.HandleFunc("POST "+proto.PathEnroll, a.enroll)
 	return mux
 }
 
@@ -250,6 +256,106 @@ func (a *API) report(w http.ResponseWriter, r *http.Request, id string) {
 		a.Metrics.Add("fieldpatch_reports_total", 1, rep.Status)
 	}
 	writeJSON(w, proto.ReportAck{ReportID: rep.ReportID, Stored: true})
+}
+
+// enroll issues a certificate to a device with a valid enrollment token, or
+// records it as pending until an operator approves it (the device asks
+// again). It needs no client certificate: it is how a device gets one.
+func (a *API) enroll(w http.ResponseWriter, r *http.Request) {
+	if a.CA == nil {
+		fail(w, http.StatusNotFound, "enrollment is not enabled")
+		return
+	}
+	select {
+	case a.sem <- struct{}{}:
+		defer func() { <-a.sem }()
+	default:
+		w.Header().Set("Retry-After", strconv.Itoa(int(a.RetryAfter.Seconds())))
+		fail(w, http.StatusServiceUnavailable, "server busy: retry later")
+		return
+	}
+	var req proto.EnrollRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := proto.ValidID("device_id", req.DeviceID); err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	pub, err := pki.ParsePublicKey(req.PublicKey)
+	if err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	ctx := r.Context()
+	if req.Token != "" {
+		sum := sha256.Sum256([]byte(req.Token))
+		if err := a.Store.EnrollWithToken(ctx, hex.EncodeToString(sum[:]), req.DeviceID); err != nil {
+			a.enrollError(w, err)
+			return
+		}
+	} else {
+		state, err := a.Store.RequestEnrollment(ctx, req.DeviceID, req.PublicKey)
+		if err != nil {
+			a.enrollError(w, err)
+			return
+		}
+		if state != "approved" {
+			w.Header().Set("Retry-After", "30")
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusAccepted)
+			json.NewEncoder(w).Encode(proto.EnrollResponse{Status: "pending"})
+			return
+		}
+		if err := a.Store.Active(ctx, req.DeviceID); err != nil {
+			fail(w, http.StatusForbidden, "this device is not allowed: revoked")
+			return
+		}
+	}
+	cert, err := a.CA.IssueDevice(req.DeviceID, pub)
+	if err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	a.Log.Info("device enrolled", "device", req.DeviceID, "by_token", req.Token != "")
+	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)})
+}
+
+func (a *API) enrollError(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusForbidden, err.Error())
+	case errors.Is(err, store.ErrConflict):
+		fail(w, http.StatusConflict, err.Error())
+	default:
+		a.Log.Error("enroll failed", "err", err)
+		fail(w, http.StatusBadRequest, err.Error())
+	}
+}
+
+// renew issues a new certificate for a new key to a device that still
+// holds a valid one.
+func (a *API) renew(w http.ResponseWriter, r *http.Request, id string) {
+	if a.CA == nil {
+		fail(w, http.StatusNotFound, "renewal is not enabled")
+		return
+	}
+	var req proto.RenewRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	pub, err := pki.ParsePublicKey(req.PublicKey)
+	if err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	cert, err := a.CA.IssueDevice(id, pub)
+	if err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	a.Log.Info("device certificate renewed", "device", id)
+	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)})
 }
 
 // countingWriter counts the body bytes written.

@@ -284,3 +284,59 @@ func TestRevokedDeviceRefused(t *testing.T) {
 		t.Errorf("revoking twice: %v", err)
 	}
 }
+
+func TestEnrollEndpoint(t *testing.T) {
+	e := newEnv(t)
+	api := &API{Store: e.st, CA: e.ca}
+	h := api.Handler()
+	post := func(req proto.EnrollRequest) (int, proto.EnrollResponse) {
+		b, _ := json.Marshal(req)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("POST", proto.PathEnroll, bytes.NewReader(b)))
+		var resp proto.EnrollResponse
+		json.Unmarshal(rec.Body.Bytes(), &resp)
+		return rec.Code, resp
+	}
+	pubPEM := func() string {
+		k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		der, _ := x509.MarshalPKIXPublicKey(k.Public())
+		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	}
+	key := pubPEM()
+	// No token: pending, then approved, then enrolled with a certificate naming it.
+	if code, r := post(proto.EnrollRequest{DeviceID: "lock-30", PublicKey: key}); code != 202 || r.Status != "pending" {
+		t.Fatalf("pending: %d %+v", code, r)
+	}
+	if code, _ := post(proto.EnrollRequest{DeviceID: "lock-30", PublicKey: pubPEM()}); code != 409 {
+		t.Errorf("another key for a pending device: %d", code)
+	}
+	if err := e.st.Approve(context.Background(), "lock-30", []string{"lab"}); err != nil {
+		t.Fatal(err)
+	}
+	code, r := post(proto.EnrollRequest{DeviceID: "lock-30", PublicKey: key})
+	if code != 200 || r.Status != "enrolled" {
+		t.Fatalf("after approval: %d %+v", code, r)
+	}
+	cert, err := pki.ParseCert([]byte(r.CertPEM))
+	if id, _ := pki.DeviceID(cert); err != nil || id != "lock-30" {
+		t.Fatalf("certificate names %q (%v)", id, err)
+	}
+	// Bad input: nothing stored.
+	for _, bad := range []proto.EnrollRequest{
+		{DeviceID: "../x", PublicKey: key},
+		{DeviceID: "lock-31", PublicKey: "not a key"},
+		{DeviceID: "lock-31", PublicKey: key, Token: "fpe_unknown"},
+	} {
+		if code, _ := post(bad); code < 400 || code >= 500 {
+			t.Errorf("bad enrollment %+v: %d", bad, code)
+		}
+	}
+	if p, _ := e.st.Pending(context.Background()); len(p) != 0 {
+		t.Errorf("pending after bad input: %v", p)
+	}
+	// A revoked device cannot come back through enrollment.
+	e.st.Revoke(context.Background(), "lock-30")
+	if code, _ := post(proto.EnrollRequest{DeviceID: "lock-30", PublicKey: key}); code != 403 {
+		t.Errorf("revoked device re-enrolling: %d", code)
+	}
+}

@@ -7,8 +7,11 @@ package mgmtapi
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -16,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -29,6 +33,8 @@ const (
 	PathReleases    = "/api/mgmt/v1/releases"
 	PathAssignments = "/api/mgmt/v1/assignments"
 	PathDevices     = "/api/mgmt/v1/devices"
+	PathTokens      = "/api/mgmt/v1/enrollment-tokens"
+	PathPending     = "/api/mgmt/v1/pending"
 )
 
 // MaxImageBytes bounds an uploaded image.
@@ -57,6 +63,9 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("GET "+PathDevices+"/{id}", a.auth(a.showDevice))
 	mux.HandleFunc("POST "+PathDevices+"/{id}/retry", a.auth(a.retry))
 	mux.HandleFunc("POST "+PathDevices+"/{id}/revoke", a.auth(a.revoke))
+	mux.HandleFunc("POST "+PathDevices+"/{id}/approve", a.auth(a.approve))
+	mux.HandleFunc("GET "+PathPending, a.auth(a.pending))
+	mux.HandleFunc("POST "+PathTokens, a.auth(a.createToken))
 	return mux
 }
 
@@ -267,6 +276,71 @@ func (a *API) provision(w http.ResponseWriter, r *http.Request) {
 	}
 	a.Log.Info("device provisioned", "device", req.ID, "groups", req.Groups)
 	writeJSON(w, http.StatusCreated, resp)
+}
+
+// TokenRequest makes a fleet enrollment token.
+type TokenRequest struct {
+	Group string `json:"group,omitempty"` // devices enrolling with it join this group
+	TTL   string `json:"ttl"`             // how long it works, a Go duration
+	Uses  int    `json:"uses"`            // how many devices may enroll with it
+}
+
+// TokenResponse carries the token; the server keeps only its hash.
+type TokenResponse struct {
+	Token   string    `json:"token"`
+	Expires time.Time `json:"expires"`
+	Uses    int       `json:"uses"`
+}
+
+func (a *API) createToken(w http.ResponseWriter, r *http.Request) {
+	var req TokenRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil || ttl <= 0 || ttl > 366*24*time.Hour {
+		fail(w, http.StatusBadRequest, "ttl: want a duration up to a year, such as 24h")
+		return
+	}
+	var raw [20]byte
+	rand.Read(raw[:])
+	tok := "fpe_" + hex.EncodeToString(raw[:])
+	sum := sha256.Sum256([]byte(tok))
+	exp := time.Now().Add(ttl)
+	if err := a.Store.AddEnrollmentToken(r.Context(), hex.EncodeToString(sum[:]), req.Group, exp, req.Uses); err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	a.Log.Info("enrollment token created", "group", req.Group, "uses", req.Uses, "expires", exp)
+	writeJSON(w, http.StatusCreated, TokenResponse{Token: tok, Expires: exp, Uses: req.Uses})
+}
+
+func (a *API) approve(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Groups []string `json:"groups,omitempty"`
+	}
+	if r.ContentLength != 0 && !decode(w, r, &req) {
+		return
+	}
+	id := r.PathValue("id")
+	if err := a.Store.Approve(r.Context(), id, req.Groups); err != nil {
+		a.storeError(w, err)
+		return
+	}
+	a.Log.Info("device approved", "device", id)
+	writeJSON(w, http.StatusOK, map[string]string{"approved": id})
+}
+
+func (a *API) pending(w http.ResponseWriter, r *http.Request) {
+	ids, err := a.Store.Pending(r.Context())
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	if ids == nil {
+		ids = []string{}
+	}
+	writeJSON(w, http.StatusOK, ids)
 }
 
 func (a *API) revoke(w http.ResponseWriter, r *http.Request) {

@@ -33,7 +33,13 @@ type CA struct {
 	Cert    *x509.Certificate
 	CertPEM []byte
 	Key     crypto.Signer
+	// DeviceLifetime is how long device certificates are valid; 0 means
+	// DefaultDeviceLifetime. Agents renew theirs when a third is left.
+	DeviceLifetime time.Duration
 }
+
+// DefaultDeviceLifetime is a device certificate's validity.
+const DefaultDeviceLifetime = 365 * 24 * time.Hour
 
 // LoadOrCreateCA reads dir/ca.pem and dir/ca.key.pem, or creates them.
 // created says whether it did.
@@ -189,7 +195,7 @@ func (ca *CA) LoadOrCreateServerCert(dir string, hosts []string) (tls.Certificat
 }
 
 // IssueDevice issues a client certificate naming the device, for the key the
-// device holds, valid for ten years.
+// device holds, valid for DeviceLifetime.
 func (ca *CA) IssueDevice(deviceID string, pub crypto.PublicKey) ([]byte, error) {
 	u, err := url.Parse(DeviceURIPrefix + deviceID)
 	if err != nil {
@@ -199,8 +205,8 @@ func (ca *CA) IssueDevice(deviceID string, pub crypto.PublicKey) ([]byte, error)
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: deviceID},
 		URIs:         []*url.URL{u},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().AddDate(10, 0, 0),
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(ca.deviceLifetime()),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
@@ -209,6 +215,23 @@ func (ca *CA) IssueDevice(deviceID string, pub crypto.PublicKey) ([]byte, error)
 		return nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
+}
+
+func (ca *CA) deviceLifetime() time.Duration {
+	if ca.DeviceLifetime > 0 {
+		return ca.DeviceLifetime
+	}
+	return DefaultDeviceLifetime
+}
+
+// ParsePublicKey reads a PEM SubjectPublicKeyInfo (an ECDSA P-256 or
+// Ed25519 key).
+func ParsePublicKey(pemText string) (crypto.PublicKey, error) {
+	block, _ := pem.Decode([]byte(pemText))
+	if block == nil || block.Type != "PUBLIC KEY" {
+		return nil, errors.New("public_key: no PEM public key")
+	}
+	return x509.ParsePKIXPublicKey(block.Bytes)
 }
 
 // Pool is a certificate pool holding the CA.

@@ -109,6 +109,19 @@ var migrations = []string{
 		PRIMARY KEY (device_id, report_id)
 	);`,
 	`ALTER TABLE devices ADD COLUMN revoked_at INTEGER NOT NULL DEFAULT 0;`,
+	`CREATE TABLE enrollment_tokens (
+		hash       TEXT PRIMARY KEY,
+		grp        TEXT NOT NULL DEFAULT '',
+		expires_at INTEGER NOT NULL,
+		uses_left  INTEGER NOT NULL,
+		created_at INTEGER NOT NULL
+	);
+	CREATE TABLE enrollments (
+		device_id  TEXT PRIMARY KEY,
+		public_key TEXT NOT NULL,
+		state      TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+		created_at INTEGER NOT NULL
+	);`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
@@ -583,4 +596,143 @@ func (s *Store) ReleaseUses(ctx context.Context, sha256 string) (bool, error) {
 	var n int
 	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM releases WHERE sha256 = ?`, sha256).Scan(&n)
 	return n > 0, err
+}
+
+// ErrConflict is returned when a record exists with other contents.
+var ErrConflict = errors.New("conflict")
+
+// AddEnrollmentToken records a fleet enrollment token by its hash.
+func (s *Store) AddEnrollmentToken(ctx context.Context, hash, group string, expires time.Time, uses int) error {
+	if group != "" {
+		if err := proto.ValidID("group", group); err != nil {
+			return err
+		}
+	}
+	if uses < 1 {
+		return fmt.Errorf("a token needs at least one use")
+	}
+	return s.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO enrollment_tokens (hash, grp, expires_at, uses_left, created_at) VALUES (?, ?, ?, ?, ?)`,
+			hash, group, expires.Unix(), uses, s.now().Unix())
+		return err
+	})
+}
+
+// EnrollWithToken registers a device with a valid token (spending one use)
+// in the token's group. The caller then certifies the device's key.
+func (s *Store) EnrollWithToken(ctx context.Context, hash, deviceID string) error {
+	if err := proto.ValidID("device id", deviceID); err != nil {
+		return err
+	}
+	return s.write(ctx, func(tx *sql.Tx) error {
+		var grp string
+		var expires, uses int64
+		err := tx.QueryRowContext(ctx, `SELECT grp, expires_at, uses_left FROM enrollment_tokens WHERE hash = ?`, hash).Scan(&grp, &expires, &uses)
+		if errors.Is(err, sql.ErrNoRows) || err == nil && (uses < 1 || s.now().Unix() > expires) {
+			return fmt.Errorf("enrollment token: %w (unknown, used up or expired)", ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM devices WHERE id = ?`, deviceID).Scan(&n); err != nil {
+			return err
+		}
+		if n > 0 {
+			return fmt.Errorf("device %s is already enrolled: %w", deviceID, ErrConflict)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE hash = ?`, hash); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, created_at) VALUES (?, ?)`, deviceID, s.now().Unix()); err != nil {
+			return err
+		}
+		if grp != "" {
+			_, err = tx.ExecContext(ctx, `INSERT INTO device_groups (device_id, grp) VALUES (?, ?)`, deviceID, grp)
+		}
+		return err
+	})
+}
+
+// MaxPending bounds the pending enrollments anyone may create.
+const MaxPending = 10000
+
+// RequestEnrollment records (or finds) a device waiting for approval with
+// its public key. It returns the state: "pending" or "approved". Another key
+// for the same device ID is a conflict.
+func (s *Store) RequestEnrollment(ctx context.Context, deviceID, publicKeyPEM string) (string, error) {
+	if err := proto.ValidID("device id", deviceID); err != nil {
+		return "", err
+	}
+	var state string
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		var key string
+		err := tx.QueryRowContext(ctx, `SELECT public_key, state FROM enrollments WHERE device_id = ?`, deviceID).Scan(&key, &state)
+		switch {
+		case err == nil && key != publicKeyPEM:
+			return fmt.Errorf("device %s is waiting with another key: %w", deviceID, ErrConflict)
+		case err == nil:
+			return nil
+		case !errors.Is(err, sql.ErrNoRows):
+			return err
+		}
+		var n int
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM enrollments WHERE state = 'pending'`).Scan(&n); err != nil {
+			return err
+		}
+		if n >= MaxPending {
+			return fmt.Errorf("too many pending enrollments")
+		}
+		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM devices WHERE id = ?`, deviceID).Scan(&n); err != nil {
+			return err
+		}
+		if n > 0 {
+			return fmt.Errorf("device %s is already enrolled: %w", deviceID, ErrConflict)
+		}
+		state = "pending"
+		_, err = tx.ExecContext(ctx, `INSERT INTO enrollments (device_id, public_key, state, created_at) VALUES (?, ?, 'pending', ?)`, deviceID, publicKeyPEM, s.now().Unix())
+		return err
+	})
+	return state, err
+}
+
+// Approve lets a pending device in, in the given groups.
+func (s *Store) Approve(ctx context.Context, deviceID string, groups []string) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
+		res, err := tx.ExecContext(ctx, `UPDATE enrollments SET state = 'approved' WHERE device_id = ? AND state = 'pending'`, deviceID)
+		if err != nil {
+			return err
+		}
+		if n, _ := res.RowsAffected(); n == 0 {
+			return fmt.Errorf("pending enrollment %s: %w", deviceID, ErrNotFound)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, created_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING`, deviceID, s.now().Unix()); err != nil {
+			return err
+		}
+		for _, g := range groups {
+			if err := proto.ValidID("group", g); err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO device_groups (device_id, grp) VALUES (?, ?) ON CONFLICT DO NOTHING`, deviceID, g); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Pending lists the devices waiting for approval.
+func (s *Store) Pending(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT device_id FROM enrollments WHERE state = 'pending' ORDER BY created_at, device_id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		rows.Scan(&id)
+		out = append(out, id)
+	}
+	return out, rows.Err()
 }
