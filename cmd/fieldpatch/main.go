@@ -37,10 +37,15 @@ var commands = []command{
 	{"device list", "list devices", runDeviceList},
 	{"device show", "show a device and its updates", runDeviceShow},
 	{"device retry", "offer a failed release to a device again", runDeviceRetry},
+	{"device edit", "add or remove a device's groups and tags", runDeviceEdit},
 	{"device revoke", "refuse a device from its next request on", runDeviceRevoke},
 	{"device approve", "let in a device waiting for approval", runDeviceApprove},
 	{"device pending", "list devices waiting for approval", runDevicePending},
 	{"enroll-token create", "make a fleet enrollment token", runEnrollToken},
+	{"api-token create", "make a named API token with a role (viewer, operator, admin)", runAPITokenCreate},
+	{"api-token list", "list API tokens", runAPITokenList},
+	{"api-token revoke", "stop an API token from working", runAPITokenRevoke},
+	{"audit", "print the audit log of management changes", runAudit},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		fmt.Fprintln(stdout, "fieldpatch", version)
 		return nil
@@ -55,7 +60,7 @@ Usage: fieldpatch COMMAND [flags] [args]
 Commands:
 `)
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-15s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-20s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, `
 Run "fieldpatch COMMAND --help" for a command's flags.

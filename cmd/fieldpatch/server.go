@@ -44,7 +44,8 @@ folder and a certificate authority, all in the data directory (created on
 first start, with a CA, a server certificate and an admin token, which it
 reports). HTTPS only, TLS 1.3 and HTTP/2; devices authenticate with client
 certificates issued by "fieldpatch device provision", operators with the
-admin token. Releases must be signed by a key in DIR/image-keys/*.pub.pem
+bootstrap admin token or named API tokens with roles ("fieldpatch
+api-token create"); every change is recorded in the audit log. Releases must be signed by a key in DIR/image-keys/*.pub.pem
 or given with --image-key. Operations: Prometheus metrics at /metrics,
 liveness at /healthz, readiness (the database answers) at /readyz; on
 SIGINT or SIGTERM it stops accepting and finishes requests in flight.
@@ -164,9 +165,9 @@ type remote struct {
 // or --data-dir to take the CA and token from a local server's directory.
 func remoteFlags(fs *flag.FlagSet) func() (*remote, error) {
 	srvURL := fs.String("server", envOr("FIELDPATCH_SERVER", "https://127.0.0.1:8443"), "the server's URL")
-	dataDir := fs.String("data-dir", os.Getenv("FIELDPATCH_DATA_DIR"), "a local server's data directory (for its CA and admin token)")
+	dataDir := fs.String("data-dir", os.Getenv("FIELDPATCH_DATA_DIR"), "a local server's data directory (for its CA and bootstrap admin token)")
 	caFile := fs.String("ca", os.Getenv("FIELDPATCH_CA"), "the server's CA certificate (default DATA-DIR/pki/ca.pem)")
-	tokenFile := fs.String("token-file", os.Getenv("FIELDPATCH_TOKEN_FILE"), "file holding the admin token (default DATA-DIR/admin.token)")
+	tokenFile := fs.String("token-file", os.Getenv("FIELDPATCH_TOKEN_FILE"), "file holding the API token (default DATA-DIR/admin.token, the bootstrap admin token)")
 	return func() (*remote, error) {
 		if *caFile == "" && *dataDir != "" {
 			*caFile = filepath.Join(*dataDir, "pki", "ca.pem")
@@ -296,8 +297,19 @@ offered it again; "fieldpatch device retry" changes that for one device.`)
 }
 
 func runDeviceList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := cli.NewFlags(stdout, "fieldpatch", "device list", "[--json] [server flags]", "Lists the devices the server knows.")
+	fs := cli.NewFlags(stdout, "fieldpatch", "device list", "[--group G] [--tag T] [--hw-class C] [--version V] [--phase P] [--json] [server flags]",
+		"Lists the devices the server knows, those matching every filter given.")
 	asJSON := fs.Bool("json", false, "print JSON")
+	q := url.Values{}
+	for _, f := range []struct{ flag, param, help string }{
+		{"group", "group", "only devices in this group"},
+		{"tag", "tag", "only devices with this tag"},
+		{"hw-class", "hw_class", "only this hardware class"},
+		{"version", "version", "only devices running this version"},
+		{"phase", "phase", "only devices in this agent phase (e.g. idle, trial)"},
+	} {
+		fs.Func(f.flag, f.help, func(v string) error { q.Set(f.param, v); return nil })
+	}
 	conn := remoteFlags(fs)
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
@@ -306,8 +318,12 @@ func runDeviceList(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
+	path := mgmtapi.PathDevices
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
 	var devs []store.Device
-	if err := r.do(ctx, "GET", mgmtapi.PathDevices, nil, &devs); err != nil {
+	if err := r.do(ctx, "GET", path, nil, &devs); err != nil {
 		return err
 	}
 	if *asJSON {

@@ -146,6 +146,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/api/v1/", instrument(reg, "device", dev.Handler()))
 	mux.Handle("/api/mgmt/v1/", instrument(reg, "management", mgmt.Handler()))
+	mux.Handle("GET "+mgmtapi.PathOpenAPI, mgmt.Handler())
 	mux.Handle("GET /metrics", reg.Handler())
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {

@@ -5,19 +5,24 @@
 package mgmtapi
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
+	_ "embed"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,7 +40,14 @@ const (
 	PathDevices     = "/api/mgmt/v1/devices"
 	PathTokens      = "/api/mgmt/v1/enrollment-tokens"
 	PathPending     = "/api/mgmt/v1/pending"
+	PathAPITokens   = "/api/mgmt/v1/api-tokens"
+	PathAudit       = "/api/mgmt/v1/audit"
+	PathOpenAPI     = "/api/openapi.json"
 )
+
+// apiTokenPrefix starts every named API token, so a leaked one is easy to
+// find in logs and repositories.
+const apiTokenPrefix = "fpa_"
 
 // MaxImageBytes bounds an uploaded image.
 const MaxImageBytes = 4 << 30
@@ -46,8 +58,37 @@ type API struct {
 	Blobs     *blob.Store
 	CA        *pki.CA
 	ImageKeys []crypto.PublicKey
-	Token     string // the admin bearer token
+	Token     string // the bootstrap admin token (DATA-DIR/admin.token)
 	Log       *slog.Logger
+}
+
+// Route is one operation of the management API and the least role that may
+// call it. The table is the single source of the API's authorization; the
+// OpenAPI document (/api/openapi.json) must describe exactly these routes.
+type Route struct {
+	Method, Path, Role string
+	handler            func(*API) http.HandlerFunc
+}
+
+// Routes lists the management API's operations.
+func Routes() []Route {
+	return []Route{
+		{"POST", PathReleases, store.RoleOperator, func(a *API) http.HandlerFunc { return a.uploadRelease }},
+		{"POST", PathAssignments, store.RoleOperator, func(a *API) http.HandlerFunc { return a.assign }},
+		{"GET", PathDevices, store.RoleViewer, func(a *API) http.HandlerFunc { return a.listDevices }},
+		{"POST", PathDevices, store.RoleOperator, func(a *API) http.HandlerFunc { return a.provision }},
+		{"GET", PathDevices + "/{id}", store.RoleViewer, func(a *API) http.HandlerFunc { return a.showDevice }},
+		{"PATCH", PathDevices + "/{id}", store.RoleOperator, func(a *API) http.HandlerFunc { return a.editDevice }},
+		{"POST", PathDevices + "/{id}/retry", store.RoleOperator, func(a *API) http.HandlerFunc { return a.retry }},
+		{"POST", PathDevices + "/{id}/revoke", store.RoleOperator, func(a *API) http.HandlerFunc { return a.revoke }},
+		{"POST", PathDevices + "/{id}/approve", store.RoleOperator, func(a *API) http.HandlerFunc { return a.approve }},
+		{"GET", PathPending, store.RoleViewer, func(a *API) http.HandlerFunc { return a.pending }},
+		{"POST", PathTokens, store.RoleOperator, func(a *API) http.HandlerFunc { return a.createToken }},
+		{"GET", PathAPITokens, store.RoleAdmin, func(a *API) http.HandlerFunc { return a.listAPITokens }},
+		{"POST", PathAPITokens, store.RoleAdmin, func(a *API) http.HandlerFunc { return a.createAPIToken }},
+		{"POST", PathAPITokens + "/{name}/revoke", store.RoleAdmin, func(a *API) http.HandlerFunc { return a.revokeAPIToken }},
+		{"GET", PathAudit, store.RoleAdmin, func(a *API) http.HandlerFunc { return a.auditLog }},
+	}
 }
 
 // Handler returns the HTTP handler.
@@ -56,35 +97,168 @@ func (a *API) Handler() http.Handler {
 		a.Log = slog.New(slog.DiscardHandler)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+PathReleases, a.auth(a.uploadRelease))
-	mux.HandleFunc("POST "+PathAssignments, a.auth(a.assign))
-	mux.HandleFunc("GET "+PathDevices, a.auth(a.listDevices))
-	mux.HandleFunc("POST "+PathDevices, a.auth(a.provision))
-	mux.HandleFunc("GET "+PathDevices+"/{id}", a.auth(a.showDevice))
-	mux.HandleFunc("POST "+PathDevices+"/{id}/retry", a.auth(a.retry))
-	mux.HandleFunc("POST "+PathDevices+"/{id}/revoke", a.auth(a.revoke))
-	mux.HandleFunc("POST "+PathDevices+"/{id}/approve", a.auth(a.approve))
-	mux.HandleFunc("GET "+PathPending, a.auth(a.pending))
-	mux.HandleFunc("POST "+PathTokens, a.auth(a.createToken))
+	for _, rt := range Routes() {
+		mux.HandleFunc(rt.Method+" "+rt.Path, a.auth(rt, rt.handler(a)))
+	}
+	mux.HandleFunc("GET "+PathOpenAPI, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(OpenAPI)
+	})
 	return mux
 }
 
-func (a *API) auth(h http.HandlerFunc) http.HandlerFunc {
+// caller is who sent a request.
+type caller struct{ name, role string }
+
+// identify resolves the bearer token: the bootstrap admin token from the
+// data directory, or a named API token (by its hash).
+func (a *API) identify(r *http.Request) (caller, bool) {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || tok == "" {
+		return caller{}, false
+	}
+	if a.Token != "" && subtle.ConstantTimeCompare([]byte(tok), []byte(a.Token)) == 1 {
+		return caller{"admin", store.RoleAdmin}, true
+	}
+	if !strings.HasPrefix(tok, apiTokenPrefix) {
+		return caller{}, false
+	}
+	sum := sha256.Sum256([]byte(tok))
+	t, err := a.Store.LookupAPIToken(r.Context(), hex.EncodeToString(sum[:]))
+	if err != nil {
+		return caller{}, false
+	}
+	return caller{t.Name, t.Role}, true
+}
+
+// auth admits callers whose role reaches the route's, and records every
+// request that would change something (allowed or refused) in the audit log.
+func (a *API) auth(rt Route, h http.HandlerFunc) http.HandlerFunc {
+	action := rt.Method + " " + rt.Path
 	return func(w http.ResponseWriter, r *http.Request) {
-		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || a.Token == "" || subtle.ConstantTimeCompare([]byte(tok), []byte(a.Token)) != 1 {
+		c, ok := a.identify(r)
+		if !ok {
 			w.Header().Set("WWW-Authenticate", "Bearer")
-			fail(w, http.StatusUnauthorized, "a valid admin token is required")
+			fail(w, http.StatusUnauthorized, "a valid API token is required")
 			return
 		}
-		h(w, r)
+		if rt.Method == http.MethodGet {
+			if store.RoleRank(c.role) < store.RoleRank(rt.Role) {
+				fail(w, http.StatusForbidden, "this needs the "+rt.Role+" role; token "+c.name+" has "+c.role)
+				return
+			}
+			h(w, r)
+			return
+		}
+		var body []byte
+		if r.URL.Path != PathReleases {
+			body, _ = io.ReadAll(io.LimitReader(r.Body, 64<<10+1))
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		rec := &recorder{ResponseWriter: w}
+		if store.RoleRank(c.role) < store.RoleRank(rt.Role) {
+			fail(rec, http.StatusForbidden, "this needs the "+rt.Role+" role; token "+c.name+" has "+c.role)
+		} else {
+			h(rec, r)
+		}
+		target := r.PathValue("id") + r.PathValue("name")
+		if target == "" {
+			target = r.URL.Query().Get("id")
+		}
+		if target == "" && len(body) > 0 {
+			var named struct{ ID, Name string }
+			json.Unmarshal(body, &named)
+			target = named.ID + named.Name
+		}
+		detail := auditDetail(body, r.URL.RawQuery, rec)
+		if err := a.Store.Audit(context.WithoutCancel(r.Context()), store.AuditEntry{
+			Actor: c.name, Role: c.role, Action: action, Target: target, Status: rec.status(), Detail: detail,
+		}); err != nil {
+			a.Log.Error("audit log", "action", action, "actor", c.name, "err", err)
+		}
 	}
+}
+
+// auditDetail keeps the request (its query and a bounded JSON body, minus
+// any secret) and, for a refusal, the error answered.
+func auditDetail(body []byte, query string, rec *recorder) string {
+	var b strings.Builder
+	if query != "" {
+		b.WriteString(query)
+	}
+	if len(body) > 0 && len(body) <= 4096 && json.Valid(body) {
+		var m map[string]any
+		if json.Unmarshal(body, &m) == nil {
+			for _, secret := range []string{"token", "password"} {
+				if _, ok := m[secret]; ok {
+					m[secret] = "(hidden)"
+				}
+			}
+			body, _ = json.Marshal(m)
+		}
+		if b.Len() > 0 {
+			b.WriteString(" ")
+		}
+		b.Write(body)
+	}
+	if rec.status() >= 400 {
+		var pe proto.Error
+		json.Unmarshal(rec.errBody, &pe)
+		if b.Len() > 0 {
+			b.WriteString(" ")
+		}
+		b.WriteString("error: " + pe.Error)
+	}
+	return b.String()
+}
+
+// recorder remembers the status and the start of an error's body.
+type recorder struct {
+	http.ResponseWriter
+	code    int
+	errBody []byte
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.code == 0 {
+		r.code = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(p []byte) (int, error) {
+	if r.code == 0 {
+		r.code = http.StatusOK
+	}
+	if r.code >= 400 && len(r.errBody) < 1024 {
+		r.errBody = append(r.errBody, p[:min(len(p), 1024-len(r.errBody))]...)
+	}
+	return r.ResponseWriter.Write(p)
+}
+
+func (r *recorder) status() int {
+	if r.code == 0 {
+		return http.StatusOK
+	}
+	return r.code
 }
 
 func fail(w http.ResponseWriter, code int, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(proto.Error{Error: msg})
+}
+
+// onlyParams refuses a query parameter the operation does not know, so a
+// misspelt filter is an error rather than a silent "match everything".
+func onlyParams(w http.ResponseWriter, r *http.Request, names ...string) bool {
+	for k := range r.URL.Query() {
+		if !slices.Contains(names, k) {
+			fail(w, http.StatusBadRequest, "unknown parameter "+k+": want one of "+strings.Join(names, ", "))
+			return false
+		}
+	}
+	return true
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -194,7 +368,20 @@ func (a *API) assign(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) listDevices(w http.ResponseWriter, r *http.Request) {
-	devs, err := a.Store.ListDevices(r.Context())
+	q := r.URL.Query()
+	if !onlyParams(w, r, "group", "tag", "hw_class", "version", "phase") {
+		return
+	}
+	for _, k := range []string{"group", "tag"} {
+		if v := q.Get(k); v != "" {
+			if err := proto.ValidID(k, v); err != nil {
+				fail(w, http.StatusBadRequest, err.Error())
+				return
+			}
+		}
+	}
+	devs, err := a.Store.ListDevices(r.Context(), store.DeviceFilter{
+		Group: q.Get("group"), Tag: q.Get("tag"), HWClass: q.Get("hw_class"), Version: q.Get("version"), Phase: q.Get("phase")})
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -366,3 +553,110 @@ func (a *API) retry(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"retried": req.Release})
 }
+
+func (a *API) editDevice(w http.ResponseWriter, r *http.Request) {
+	var e store.DeviceEdit
+	if !decode(w, r, &e) {
+		return
+	}
+	id := r.PathValue("id")
+	if err := a.Store.EditDevice(r.Context(), id, e); err != nil {
+		a.storeError(w, err)
+		return
+	}
+	d, err := a.Store.GetDevice(r.Context(), id)
+	if err != nil {
+		a.storeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d)
+}
+
+// APITokenRequest makes a named management token.
+type APITokenRequest struct {
+	Name string `json:"name"`
+	Role string `json:"role"` // viewer, operator or admin
+}
+
+// APITokenResponse carries the token once; the server keeps only its hash.
+type APITokenResponse struct {
+	store.APIToken
+	Token string `json:"token"`
+}
+
+func (a *API) createAPIToken(w http.ResponseWriter, r *http.Request) {
+	var req APITokenRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	var raw [24]byte
+	rand.Read(raw[:])
+	tok := apiTokenPrefix + hex.EncodeToString(raw[:])
+	sum := sha256.Sum256([]byte(tok))
+	if err := a.Store.AddAPIToken(r.Context(), req.Name, hex.EncodeToString(sum[:]), req.Role); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			fail(w, http.StatusConflict, err.Error())
+			return
+		}
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	t, err := a.Store.LookupAPIToken(r.Context(), hex.EncodeToString(sum[:]))
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	a.Log.Info("api token created", "name", req.Name, "role", req.Role)
+	writeJSON(w, http.StatusCreated, APITokenResponse{APIToken: *t, Token: tok})
+}
+
+func (a *API) listAPITokens(w http.ResponseWriter, r *http.Request) {
+	ts, err := a.Store.APITokens(r.Context())
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, ts)
+}
+
+func (a *API) revokeAPIToken(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := a.Store.RevokeAPIToken(r.Context(), name); err != nil {
+		a.storeError(w, err)
+		return
+	}
+	a.Log.Warn("api token revoked", "name", name)
+	writeJSON(w, http.StatusOK, map[string]string{"revoked": name})
+}
+
+func (a *API) auditLog(w http.ResponseWriter, r *http.Request) {
+	if !onlyParams(w, r, "after", "limit") {
+		return
+	}
+	var after, limit int64
+	for _, p := range []struct {
+		name string
+		dst  *int64
+	}{{"after", &after}, {"limit", &limit}} {
+		if v := r.URL.Query().Get(p.name); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				fail(w, http.StatusBadRequest, p.name+": want a non-negative integer")
+				return
+			}
+			*p.dst = n
+		}
+	}
+	es, err := a.Store.AuditLog(r.Context(), after, int(limit))
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, es)
+}
+
+// OpenAPI is the OpenAPI 3.1 document of this API, served at PathOpenAPI;
+// docs/openapi.json is a copy that a test keeps equal.
+//
+//go:embed openapi.json
+var OpenAPI []byte

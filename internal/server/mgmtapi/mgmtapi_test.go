@@ -96,7 +96,7 @@ func TestManagementAPI(t *testing.T) {
 	if code, body := call("POST", PathDevices, "secret", []byte(`{"id":"lock-1","public_key":"not pem"}`)); code != http.StatusBadRequest {
 		t.Errorf("provision with a bad key: %d %s", code, body)
 	}
-	if devs, _ := st.ListDevices(ctx); len(devs) != 0 {
+	if devs, _ := st.ListDevices(ctx, store.DeviceFilter{}); len(devs) != 0 {
 		t.Errorf("a refused provisioning stored a device")
 	}
 }

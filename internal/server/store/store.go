@@ -122,6 +122,28 @@ var migrations = []string{
 		state      TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
 		created_at INTEGER NOT NULL
 	);`,
+	`CREATE TABLE api_tokens (
+		name       TEXT PRIMARY KEY,
+		hash       TEXT NOT NULL UNIQUE,
+		role       TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+		created_at INTEGER NOT NULL,
+		revoked_at INTEGER NOT NULL DEFAULT 0
+	);
+	CREATE TABLE audit_log (
+		seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+		at     INTEGER NOT NULL,
+		actor  TEXT NOT NULL,
+		role   TEXT NOT NULL,
+		action TEXT NOT NULL,
+		target TEXT NOT NULL,
+		status INTEGER NOT NULL,
+		detail TEXT NOT NULL
+	);
+	CREATE TABLE device_tags (
+		device_id TEXT NOT NULL REFERENCES devices(id),
+		tag       TEXT NOT NULL,
+		PRIMARY KEY (device_id, tag)
+	);`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
@@ -258,6 +280,7 @@ type Device struct {
 	Attributes      map[string]string `json:"attributes,omitempty"`
 	Phase           string            `json:"phase,omitempty"`
 	Groups          []string          `json:"groups,omitempty"`
+	Tags            []string          `json:"tags,omitempty"`
 	LastSeen        time.Time         `json:"last_seen"`
 	Revoked         bool              `json:"revoked,omitempty"`
 }
@@ -330,12 +353,42 @@ func (s *Store) GetDevice(ctx context.Context, id string) (*Device, error) {
 		rows.Scan(&g)
 		d.Groups = append(d.Groups, g)
 	}
-	return &d, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	rows.Close()
+	trows, err := s.db.QueryContext(ctx, `SELECT tag FROM device_tags WHERE device_id = ? ORDER BY tag`, id)
+	if err != nil {
+		return nil, err
+	}
+	defer trows.Close()
+	for trows.Next() {
+		var t string
+		trows.Scan(&t)
+		d.Tags = append(d.Tags, t)
+	}
+	return &d, trows.Err()
 }
 
-// ListDevices lists all devices, by ID.
-func (s *Store) ListDevices(ctx context.Context) ([]Device, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id FROM devices ORDER BY id`)
+// ListDevices lists the devices that match every set field of f, by ID.
+func (s *Store) ListDevices(ctx context.Context, f DeviceFilter) ([]Device, error) {
+	q := `SELECT id FROM devices WHERE 1=1`
+	var args []any
+	if f.Group != "" {
+		q += ` AND id IN (SELECT device_id FROM device_groups WHERE grp = ?)`
+		args = append(args, f.Group)
+	}
+	if f.Tag != "" {
+		q += ` AND id IN (SELECT device_id FROM device_tags WHERE tag = ?)`
+		args = append(args, f.Tag)
+	}
+	for _, c := range []struct{ col, v string }{{"hw_class", f.HWClass}, {"version", f.Version}, {"phase", f.Phase}} {
+		if c.v != "" {
+			q += ` AND ` + c.col + ` = ?`
+			args = append(args, c.v)
+		}
+	}
+	rows, err := s.db.QueryContext(ctx, q+` ORDER BY id`, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -176,7 +176,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 	if err := s.AddRelease(ctx, Release{ID: "x", SHA256: "not-a-hash"}); err == nil {
 		t.Error("a bad SHA-256 was accepted")
 	}
-	devs, _ := s.ListDevices(ctx)
+	devs, _ := s.ListDevices(ctx, DeviceFilter{})
 	if len(devs) != 4 {
 		t.Errorf("%d devices after bad input, want 4", len(devs))
 	}
