@@ -171,6 +171,14 @@ func TestOnlineUpdate(t *testing.T) {
 	os.WriteFile(filepath.Join(bad.dir, "hooks/b/health-check"), []byte("#!/bin/sh\necho 'service does not answer' >&2\nexit 1\n"), 0o755)
 	srv.run("release", "upload", "--id", "lock-2.0.0", good.v2)
 	srv.run("release", "assign", "lock-2.0.0", "--group", "lab")
+	var rels []struct{ ID, Version, HW string }
+	json.Unmarshal([]byte(srv.run("release", "list", "--json", "--hw-class", "lock")), &rels)
+	if len(rels) != 1 || rels[0].ID != "lock-2.0.0" || rels[0].Version != "2.0.0" {
+		t.Fatalf("release list: %+v", rels)
+	}
+	if out := srv.run("release", "list", "--json", "--hw-class", "other-board"); strings.TrimSpace(out) != "[]" {
+		t.Fatalf("release list for other hardware: %s", out)
+	}
 
 	for _, d := range []*fileDevice{good, bad} {
 		d.daemon(agentBin, func() bool { return false }) // installs, then asks for a reboot

@@ -172,3 +172,33 @@ or not at all. Flags are repeatable.`)
 	fmt.Fprintf(stdout, "%s: groups [%s], tags [%s]\n", d.ID, strings.Join(d.Groups, " "), strings.Join(d.Tags, " "))
 	return nil
 }
+
+func runReleaseList(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "release list", "[--hw-class C] [--json] [server flags]", "Lists the releases, newest first.")
+	hw := fs.String("hw-class", "", "only releases for this hardware class")
+	asJSON := fs.Bool("json", false, "print JSON")
+	conn := remoteFlags(fs)
+	if _, err := cli.ParseFlags(fs, args); err != nil {
+		return err
+	}
+	r, err := conn()
+	if err != nil {
+		return err
+	}
+	path := mgmtapi.PathReleases
+	if *hw != "" {
+		path += "?hw_class=" + url.QueryEscape(*hw)
+	}
+	var rels []store.Release
+	if err := r.do(ctx, "GET", path, nil, &rels); err != nil {
+		return err
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, rels)
+	}
+	fmt.Fprintf(stdout, "%-24s %-10s %-16s %-7s %-10s %s\n", "RELEASE", "VERSION", "HW CLASS", "COUNTER", "BYTES", "UPLOADED")
+	for _, rel := range rels {
+		fmt.Fprintf(stdout, "%-24s %-10s %-16s %-7d %-10d %s\n", rel.ID, rel.Version, rel.HWClass, rel.SecurityCounter, rel.Length, rel.CreatedAt.Format(time.RFC3339))
+	}
+	return nil
+}

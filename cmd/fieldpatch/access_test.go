@@ -139,7 +139,7 @@ func TestRolesTagsAuditCLI(t *testing.T) {
 		t.Error("a token secret reached the audit log")
 	}
 	// Listings all take --json.
-	for _, args := range [][]string{{"api-token", "list", "--json"}, {"device", "pending", "--json"}} {
+	for _, args := range [][]string{{"api-token", "list", "--json"}, {"device", "pending", "--json"}, {"release", "list", "--json"}} {
 		var v any
 		if err := json.Unmarshal([]byte(mustFP(t, append(args, admin...)...)), &v); err != nil {
 			t.Errorf("%v: %v", args, err)

@@ -32,6 +32,7 @@ var commands = []command{
 	{"image verify", "check an image against trusted public keys (exit 0 only when valid)", runImageVerify},
 	{"serve", "run the update server (HTTPS, TLS 1.3, SQLite, CA on first start)", runServe},
 	{"release upload", "upload a signed image as a release (checked against the image keys)", runReleaseUpload},
+	{"release list", "list releases", runReleaseList},
 	{"release assign", "offer a release to a device or a group", runReleaseAssign},
 	{"device provision", "register a device and write its provisioning bundle", runDeviceProvision},
 	{"device list", "list devices", runDeviceList},

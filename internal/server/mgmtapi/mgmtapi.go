@@ -73,6 +73,7 @@ type Route struct {
 // Routes lists the management API's operations.
 func Routes() []Route {
 	return []Route{
+		{"GET", PathReleases, store.RoleViewer, func(a *API) http.HandlerFunc { return a.listReleases }},
 		{"POST", PathReleases, store.RoleOperator, func(a *API) http.HandlerFunc { return a.uploadRelease }},
 		{"POST", PathAssignments, store.RoleOperator, func(a *API) http.HandlerFunc { return a.assign }},
 		{"GET", PathDevices, store.RoleViewer, func(a *API) http.HandlerFunc { return a.listDevices }},
@@ -660,3 +661,15 @@ func (a *API) auditLog(w http.ResponseWriter, r *http.Request) {
 //
 //go:embed openapi.json
 var OpenAPI []byte
+
+func (a *API) listReleases(w http.ResponseWriter, r *http.Request) {
+	if !onlyParams(w, r, "hw_class") {
+		return
+	}
+	rels, err := a.Store.ListReleases(r.Context(), r.URL.Query().Get("hw_class"))
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, rels)
+}

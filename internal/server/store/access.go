@@ -214,3 +214,29 @@ func (s *Store) EditDevice(ctx context.Context, id string, e DeviceEdit) error {
 		return nil
 	})
 }
+
+// ListReleases lists the releases, newest first; hwClass, if set, filters.
+func (s *Store) ListReleases(ctx context.Context, hwClass string) ([]Release, error) {
+	q := `SELECT id, version, hw_class, security_counter, key_epoch, sha256, length, created_at FROM releases`
+	var args []any
+	if hwClass != "" {
+		q += ` WHERE hw_class = ?`
+		args = append(args, hwClass)
+	}
+	rows, err := s.db.QueryContext(ctx, q+` ORDER BY created_at DESC, id`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []Release{}
+	for rows.Next() {
+		var r Release
+		var created int64
+		if err := rows.Scan(&r.ID, &r.Version, &r.HWClass, &r.SecurityCounter, &r.KeyEpoch, &r.SHA256, &r.Length, &created); err != nil {
+			return nil, err
+		}
+		r.CreatedAt = time.Unix(created, 0).UTC()
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
