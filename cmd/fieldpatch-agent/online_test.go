@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"net"
 	"net/http"
@@ -46,8 +47,17 @@ func newServer(t *testing.T, listen string, env ...string) *liveServer {
 func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServer {
 	t.Helper()
 	s := &liveServer{t: t, bin: fieldpatchBinary(t), dataDir: dataDir}
-	s.cmd = exec.Command(s.bin, "serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s")
-	s.cmd.Env = append(os.Environ(), env...)
+	args := []string{"serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s"}
+	s.cmd = exec.Command(s.bin)
+	s.cmd.Env = os.Environ()
+	for _, e := range env { // "--flag=value" entries are server flags, the rest environment
+		if strings.HasPrefix(e, "--") {
+			args = append(args, e)
+		} else {
+			s.cmd.Env = append(s.cmd.Env, e)
+		}
+	}
+	s.cmd.Args = append(s.cmd.Args, args...)
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -485,4 +495,43 @@ func TestOnlineEnrollment(t *testing.T) {
 	}
 	seen := srv.device("lock-20").LastSeen
 	byToken.daemon(agentBin, func() bool { return srv.device("lock-20").LastSeen.After(seen) })
+}
+
+// A daemon that runs for longer than its certificate lives renews it on the
+// way (at a third of its lifetime left), without a restart, and keeps
+// checking in after the certificates it started with have expired.
+func TestOnlineDaemonRenews(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--device-cert-lifetime=5s")
+	d := onlineDevice(t, srv, "lock-30")
+	read := func(name string) *x509.Certificate {
+		b, err := os.ReadFile(filepath.Join(d.dir, "bundle", name))
+		if err != nil {
+			return nil
+		}
+		block, _ := pem.Decode(b)
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		return c
+	}
+	orig := read("device.pem")
+	var first *x509.Certificate // the identity the daemon had once started
+	serials := map[string]bool{}
+	d.daemon(agentBin, func() bool {
+		c := read("identity.pem")
+		if c == nil {
+			return false
+		}
+		if first == nil {
+			first = c
+		}
+		serials[c.SerialNumber.String()] = true
+		return len(serials) >= 2 && srv.device("lock-30").LastSeen.After(first.NotAfter.Add(time.Second))
+	})
+	if serials[orig.SerialNumber.String()] {
+		t.Fatal("identity.pem holds the provisioned certificate")
+	}
+	t.Logf("%d certificates issued while the daemon ran", len(serials))
 }

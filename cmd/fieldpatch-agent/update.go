@@ -176,6 +176,7 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		if err != nil {
 			return err
 		}
+		l.Logf = func(format string, args ...any) { fmt.Fprintf(stderr, format+"\n", args...) }
 		r.Fetcher = &agent.HTTPFetcher{Client: l.HTTP}
 		err = r.Daemon(ctx, l)
 		switch {

@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -47,6 +48,13 @@ func (b *Bundle) ImageKeyFiles() []string {
 type Link struct {
 	Bundle Bundle
 	HTTP   *http.Client
+	// Logf, if set, hears about renewals made on the way (see CheckIn).
+	Logf func(format string, args ...any)
+
+	mu        sync.Mutex
+	cert      tls.Certificate // the identity presented, replaced on renewal
+	leaf      *x509.Certificate
+	nextRenew time.Time // after a failed renewal, not before this
 }
 
 // Open reads a bundle and makes the mutual-TLS client.
@@ -75,14 +83,26 @@ func Open(dir string) (*Link, error) {
 	if !pool.AppendCertsFromPEM(caPEM) {
 		return nil, fmt.Errorf("provisioning bundle %s: ca.pem holds no certificate", dir)
 	}
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		return nil, fmt.Errorf("provisioning bundle %s: %w", dir, err)
+	}
+	l := &Link{Bundle: bun, cert: cert, leaf: leaf}
 	tr := &http.Transport{
-		TLSClientConfig:       &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}, ClientSessionCache: tls.NewLRUClientSessionCache(4)},
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ClientSessionCache: tls.NewLRUClientSessionCache(4),
+			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+				l.mu.Lock()
+				defer l.mu.Unlock()
+				c := l.cert
+				return &c, nil
+			}},
 		ForceAttemptHTTP2:     true,
 		ResponseHeaderTimeout: 30 * time.Second,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   15 * time.Second,
 	}
-	return &Link{Bundle: bun, HTTP: &http.Client{Transport: tr}}, nil
+	l.HTTP = &http.Client{Transport: tr}
+	return l, nil
 }
 
 // BusyError is the server asking the device to come back later (503).
@@ -128,8 +148,13 @@ func (l *Link) post(ctx context.Context, path string, in, out any) error {
 	return json.Unmarshal(b, out)
 }
 
-// CheckIn tells the server about the device and returns its answer.
+// CheckIn tells the server about the device and returns its answer. First,
+// when a third or less of the certificate's lifetime is left, it renews the
+// certificate (a daemon that runs for years keeps a valid identity); a failed
+// renewal does not stop the check-in and is tried again an hour later, or
+// sooner for short lifetimes.
 func (l *Link) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResponse, error) {
+	l.renewIfDue(ctx, time.Now())
 	var resp proto.CheckInResponse
 	if err := l.post(ctx, proto.PathCheckIn, c, &resp); err != nil {
 		return nil, err
@@ -193,10 +218,47 @@ func (l *Link) Renew(ctx context.Context) (*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := writeAtomic(filepath.Join(l.Bundle.Dir, identityFile), append([]byte(resp.CertPEM), keyPEM...), 0o600); err != nil {
+	pair := append([]byte(resp.CertPEM), keyPEM...)
+	id, err := tls.X509KeyPair(pair, pair)
+	if err != nil {
+		return nil, fmt.Errorf("renewed certificate: %w", err)
+	}
+	if err := writeAtomic(filepath.Join(l.Bundle.Dir, identityFile), pair, 0o600); err != nil {
 		return nil, err
 	}
+	l.mu.Lock()
+	l.cert, l.leaf = id, cert
+	l.mu.Unlock()
+	if tr, ok := l.HTTP.Transport.(*http.Transport); ok {
+		tr.CloseIdleConnections() // new connections present the new identity
+	}
 	return cert, nil
+}
+
+func (l *Link) renewIfDue(ctx context.Context, now time.Time) {
+	l.mu.Lock()
+	leaf, next := l.leaf, l.nextRenew
+	l.mu.Unlock()
+	if leaf == nil || !NeedsRenewal(leaf, now) || now.Before(next) {
+		return
+	}
+	cert, err := l.Renew(ctx)
+	if err != nil {
+		wait := min(time.Hour, leaf.NotAfter.Sub(leaf.NotBefore)/30)
+		l.mu.Lock()
+		l.nextRenew = now.Add(wait)
+		l.mu.Unlock()
+		l.logf("certificate renewal failed (the current one is valid until %s; trying again in %v): %v",
+			leaf.NotAfter.UTC().Format(time.RFC3339), wait.Round(time.Second), err)
+		return
+	}
+	l.logf("renewed the device certificate: valid until %s", cert.NotAfter.UTC().Format(time.RFC3339))
+}
+
+func (l *Link) logf(format string, args ...any) {
+	if l.Logf != nil {
+		l.Logf(format, args...)
+	}
 }
 
 // EnrollConfig says how a device without a bundle gets one.
