@@ -34,10 +34,12 @@ test: test-deps vet
 	$(GO) test -count=1 -timeout 20m -run TestPowerCutCampaign -v ./internal/device/simdev
 
 # Long campaigns and measurements against peers; see bench/README.md.
-bench: build test-deps
+bench: build
+	./scripts/test-deps.sh --bench
 	-$(GO) run ./bench/imageverify -bin $(BIN)
 	-$(GO) run ./bench/installslot
 	-$(GO) run ./bench/agentidle -bin $(BIN)
+	-$(GO) run ./bench/checkin -bin $(BIN)
 	$(GO) test -count=1 -timeout 60m -run TestPowerCutCampaign -v ./internal/device/simdev -campaign 10000
 
 clean:

@@ -22,6 +22,12 @@ packages=(
 	dosfstools       # mkfs.vfat: the boot partition
 	mtools           # mcopy: boot.scr onto the FAT image without mounting
 )
+# make bench (scripts/test-deps.sh --bench) also needs the peers it measures against.
+if [ "${1:-}" = "--bench" ]; then
+	packages+=(
+		nginx-light  # bench/checkin: the yardstick for check-ins and blob downloads
+	)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

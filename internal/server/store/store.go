@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	_ "modernc.org/sqlite" // the database/sql driver "sqlite"
@@ -34,7 +36,15 @@ type Store struct {
 	// commits, with the report's status; an error aborts it. Tests inject
 	// failures on outcome reports with it.
 	BeforeReportCommit func(status string) error
-	now                func() time.Time
+
+	checkins  chan *checkinReq
+	quit      chan struct{}
+	prepared  sync.Map      // query text -> *sql.Stmt, for the device API's hot path
+	gen       atomic.Uint64 // bumped by every committed write but check-ins
+	cacheMu   sync.Mutex
+	cache     map[string]devState
+	closeOnce sync.Once
+	now       func() time.Time
 }
 
 // migrations, in order; each runs once, in a transaction, and bumps
@@ -155,12 +165,39 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		return nil, err
 	}
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db, now: time.Now}
+	s := &Store{db: db, now: time.Now, cache: map[string]devState{}}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	s.startBatcher()
 	return s, nil
+}
+
+// stmt returns the query prepared once: parsing SQL costs more than running
+// these small queries, and the device API runs them on every request.
+func (s *Store) stmt(ctx context.Context, q string) (*sql.Stmt, error) {
+	if v, ok := s.prepared.Load(q); ok {
+		return v.(*sql.Stmt), nil
+	}
+	st, err := s.db.PrepareContext(ctx, q)
+	if err != nil {
+		return nil, err
+	}
+	if v, loaded := s.prepared.LoadOrStore(q, st); loaded {
+		st.Close()
+		return v.(*sql.Stmt), nil
+	}
+	return st, nil
+}
+
+// queryRow runs a prepared single-row query.
+func (s *Store) queryRow(ctx context.Context, q string, args ...any) *sql.Row {
+	st, err := s.stmt(ctx, q)
+	if err != nil {
+		return s.db.QueryRowContext(ctx, q, args...) // reports the same error
+	}
+	return st.QueryRowContext(ctx, args...)
 }
 
 // ErrRevoked is returned for a device an operator revoked.
@@ -170,17 +207,61 @@ var ErrRevoked = errors.New("device revoked")
 // not revoked. One primary-key lookup, on every device request, so a
 // revocation takes effect at the device's next request.
 func (s *Store) Active(ctx context.Context, id string) error {
-	var revoked int64
-	err := s.db.QueryRowContext(ctx, `SELECT revoked_at FROM devices WHERE id = ?`, id).Scan(&revoked)
+	st, err := s.deviceState(ctx, id)
 	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		return fmt.Errorf("device %s: %w", id, ErrNotFound)
 	case err != nil:
 		return err
-	case revoked != 0:
+	case !st.exists:
+		return fmt.Errorf("device %s: %w", id, ErrNotFound)
+	case st.revoked:
 		return fmt.Errorf("device %s: %w", id, ErrRevoked)
 	}
 	return nil
+}
+
+// devState is what the device API asks about a device on every request:
+// does it exist, is it revoked, is any active rollout aimed at it.
+type devState struct {
+	gen                         uint64
+	exists, revoked, hasRollout bool
+}
+
+// maxCachedDevices bounds the device-state cache; past it, it starts over.
+const maxCachedDevices = 200_000
+
+// deviceState answers from a cache that any committed write other than a
+// check-in invalidates (by bumping the generation), so a revocation, a new
+// rollout or a group change is seen at the device's next request, and an
+// idle fleet's check-ins cost no query here.
+func (s *Store) deviceState(ctx context.Context, id string) (devState, error) {
+	gen := s.gen.Load()
+	s.cacheMu.Lock()
+	st, ok := s.cache[id]
+	s.cacheMu.Unlock()
+	if ok && st.gen == gen {
+		return st, nil
+	}
+	var revoked int64
+	var has bool
+	err := s.queryRow(ctx, `SELECT d.revoked_at, EXISTS (SELECT 1 FROM rollouts r WHERE r.state = 'active' AND (
+			(r.target_kind = 'device' AND r.target = d.id) OR
+			(r.target_kind = 'group' AND r.target IN (SELECT grp FROM device_groups WHERE device_id = d.id))))
+		FROM devices d WHERE d.id = ?`, id).Scan(&revoked, &has)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		st = devState{gen: gen}
+	case err != nil:
+		return devState{}, err
+	default:
+		st = devState{gen: gen, exists: true, revoked: revoked != 0, hasRollout: has}
+	}
+	s.cacheMu.Lock()
+	if len(s.cache) >= maxCachedDevices {
+		clear(s.cache)
+	}
+	s.cache[id] = st
+	s.cacheMu.Unlock()
+	return st, nil
 }
 
 // Revoke refuses a device from now on (a stolen or decommissioned one).
@@ -201,7 +282,11 @@ func (s *Store) Revoke(ctx context.Context, id string) error {
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() { close(s.quit) })
+	s.prepared.Range(func(_, v any) bool { v.(*sql.Stmt).Close(); return true })
+	return s.db.Close()
+}
 
 // SchemaVersion is the number of migrations applied.
 func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
@@ -248,6 +333,14 @@ func (s *Store) migrate(ctx context.Context) error {
 
 // write runs f in a transaction and commits it (after BeforeCommit).
 func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
+	err := s.writeTx(ctx, f)
+	s.gen.Add(1) // also after a failure: a commit may have happened anyway
+	return err
+}
+
+// writeTx is write without invalidating the device-state cache: for
+// check-ins only, which change nothing the cache holds.
+func (s *Store) writeTx(ctx context.Context, f func(tx *sql.Tx) error) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -310,19 +403,99 @@ func (s *Store) AddDevice(ctx context.Context, id string, groups []string) error
 
 // CheckIn records what a device says about itself. The device must exist.
 func (s *Store) CheckIn(ctx context.Context, id string, c proto.CheckIn) error {
-	attrs, _ := json.Marshal(c.Attributes)
-	return s.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `UPDATE devices SET hw_class = ?, version = ?, slot = ?, security_counter = ?, key_epoch = ?,
-			time_zone = ?, attributes = ?, phase = ?, last_seen = ? WHERE id = ?`,
-			c.HWClass, c.Version, c.Slot, c.SecurityCounter, c.KeyEpoch, c.TimeZone, string(attrs), c.Phase, s.now().Unix(), id)
+	req := &checkinReq{id: id, c: c, at: s.now().Unix(), done: make(chan error, 1)}
+	select {
+	case <-s.quit:
+		return errors.New("the store is closed")
+	default:
+	}
+	select {
+	case s.checkins <- req:
+	case <-s.quit:
+		return errors.New("the store is closed")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-s.quit: // closed before the batcher took it
+		return errors.New("the store is closed")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// checkinReq is one check-in waiting for the batcher.
+type checkinReq struct {
+	id   string
+	c    proto.CheckIn
+	at   int64
+	done chan error
+}
+
+// startBatcher starts the goroutine that commits check-ins in groups:
+// while one transaction commits, the check-ins that arrive meanwhile queue
+// up and go into the next one, so under load one fsync carries many
+// check-ins and an idle server adds no delay. Each caller still returns
+// only once its check-in is committed.
+func (s *Store) startBatcher() {
+	s.checkins = make(chan *checkinReq, 1024)
+	s.quit = make(chan struct{})
+	go func() {
+		batch := make([]*checkinReq, 0, maxCheckinBatch)
+		for {
+			select {
+			case <-s.quit:
+				return
+			case first := <-s.checkins:
+				batch = append(batch[:0], first)
+			}
+		drain:
+			for len(batch) < maxCheckinBatch {
+				select {
+				case r := <-s.checkins:
+					batch = append(batch, r)
+				default:
+					break drain
+				}
+			}
+			s.commitCheckins(batch)
+		}
+	}()
+}
+
+const maxCheckinBatch = 256
+
+func (s *Store) commitCheckins(batch []*checkinReq) {
+	errs := make([]error, len(batch))
+	err := s.writeTx(context.Background(), func(tx *sql.Tx) error {
+		stmt, err := tx.Prepare(`UPDATE devices SET hw_class = ?, version = ?, slot = ?, security_counter = ?, key_epoch = ?,
+			time_zone = ?, attributes = ?, phase = ?, last_seen = ? WHERE id = ?`)
 		if err != nil {
 			return err
 		}
-		if n, _ := res.RowsAffected(); n == 0 {
-			return fmt.Errorf("device %s: %w", id, ErrNotFound)
+		defer stmt.Close()
+		for i, r := range batch {
+			c := r.c
+			attrs, _ := json.Marshal(c.Attributes)
+			res, err := stmt.Exec(c.HWClass, c.Version, c.Slot, c.SecurityCounter, c.KeyEpoch, c.TimeZone, string(attrs), c.Phase, r.at, r.id)
+			if err != nil {
+				return err
+			}
+			if n, _ := res.RowsAffected(); n == 0 {
+				errs[i] = fmt.Errorf("device %s: %w", r.id, ErrNotFound)
+			}
 		}
 		return nil
 	})
+	for i, r := range batch {
+		if err != nil {
+			r.done <- err
+		} else {
+			r.done <- errs[i]
+		}
+	}
 }
 
 // GetDevice reads one device.
@@ -493,7 +666,18 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 	var up *Update
 	var rel *Release
 	var downgrade bool
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	// Most check-ins have nothing to be offered: find that out without a
+	// write transaction (usually without a query).
+	st, err := s.deviceState(ctx, deviceID)
+	switch {
+	case err != nil:
+		return nil, nil, false, err
+	case !st.exists:
+		return nil, nil, false, fmt.Errorf("device %s: %w", deviceID, ErrNotFound)
+	case !st.hasRollout:
+		return nil, nil, false, nil
+	}
+	err = s.write(ctx, func(tx *sql.Tx) error {
 		var hw, version string
 		if err := tx.QueryRowContext(ctx, `SELECT hw_class, version FROM devices WHERE id = ?`, deviceID).Scan(&hw, &version); err != nil {
 			if errors.Is(err, sql.ErrNoRows) {

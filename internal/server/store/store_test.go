@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -179,5 +180,108 @@ func TestBadInputChangesNothing(t *testing.T) {
 	devs, _ := s.ListDevices(ctx, DeviceFilter{})
 	if len(devs) != 4 {
 		t.Errorf("%d devices after bad input, want 4", len(devs))
+	}
+}
+
+// Check-ins are committed in groups; each caller still gets its own answer
+// (an unknown device its ErrNotFound, without failing the others in its
+// group), and every known device's check-in is stored.
+func TestConcurrentCheckInsGrouped(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, filepath.Join(t.TempDir(), "db"))
+	for i := range 40 {
+		if err := s.AddDevice(ctx, fmt.Sprintf("d%02d", i), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 400)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("d%02d", i%50) // d40..d49 do not exist
+			errs[i] = s.CheckIn(ctx, id, proto.CheckIn{Version: fmt.Sprintf("1.0.%d", i%50), Slot: "a", HWClass: "lock"})
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		known := i%50 < 40
+		if known && err != nil || !known && !errors.Is(err, ErrNotFound) {
+			t.Errorf("check-in %d (device d%02d): %v", i, i%50, err)
+		}
+	}
+	for i := range 40 {
+		d, err := s.GetDevice(ctx, fmt.Sprintf("d%02d", i))
+		if err != nil || d.Version != fmt.Sprintf("1.0.%d", i) || d.LastSeen.IsZero() {
+			t.Errorf("d%02d: %+v %v", i, d, err)
+		}
+	}
+	s.Close()
+	if err := s.CheckIn(ctx, "d00", proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err == nil {
+		t.Error("a check-in on a closed store succeeded")
+	}
+}
+
+// The device-state cache never hides a change: a device seen with nothing
+// to install is offered a release at its next check-in once a rollout
+// reaches it (directly, or by joining a group later), and is refused once
+// revoked.
+func TestDeviceStateCacheFollowsChanges(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, filepath.Join(t.TempDir(), "db"))
+	for _, id := range []string{"a", "b"} {
+		if err := s.AddDevice(ctx, id, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.CheckIn(ctx, id, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sum := strings.Repeat("ab", 32)
+	if err := s.AddRelease(ctx, Release{ID: "r2", Version: "2.0.0", HWClass: "lock", SecurityCounter: 1, SHA256: sum, Length: 10}); err != nil {
+		t.Fatal(err)
+	}
+	next := ids()
+	offer := func(id string) bool {
+		t.Helper()
+		if err := s.Active(ctx, id); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		up, _, _, err := s.Offer(ctx, id, next)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return up != nil
+	}
+	if offer("a") || offer("b") {
+		t.Fatal("offered before any rollout")
+	}
+	if err := s.Assign(ctx, "to-a", "r2", "device", "a", false); err != nil {
+		t.Fatal(err)
+	}
+	if !offer("a") || offer("b") {
+		t.Fatal("after assigning to a")
+	}
+	if err := s.Assign(ctx, "to-lab", "r2", "group", "lab", false); err != nil {
+		t.Fatal(err)
+	}
+	if offer("b") {
+		t.Fatal("b is not in lab yet")
+	}
+	if err := s.EditDevice(ctx, "b", DeviceEdit{AddGroups: []string{"lab"}}); err != nil {
+		t.Fatal(err)
+	}
+	if !offer("b") {
+		t.Fatal("b joined lab and was not offered the release")
+	}
+	if err := s.Revoke(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Active(ctx, "b"); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked b: %v", err)
+	}
+	if err := s.Active(ctx, "nobody"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown device: %v", err)
 	}
 }
