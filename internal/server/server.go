@@ -90,6 +90,9 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// last_seen is kept to a tenth of the poll interval (at most a minute):
+	// a repeated check-in within that is answered without a write.
+	st.LastSeenResolution = min(c.PollInterval/10, time.Minute)
 	pkiDir := filepath.Join(c.DataDir, "pki")
 	ca, created, err := pki.LoadOrCreateCA(pkiDir)
 	if err != nil {

@@ -43,6 +43,12 @@ type Store struct {
 	gen       atomic.Uint64 // bumped by every committed write but check-ins
 	cacheMu   sync.Mutex
 	cache     map[string]devState
+	seen      map[string]seenState // guarded by cacheMu
+
+	// LastSeenResolution: a check-in that repeats what the device last
+	// reported, less than this after its last stored check-in, is not
+	// written (last_seen is that coarse); 0 writes every check-in.
+	LastSeenResolution time.Duration
 	closeOnce sync.Once
 	now       func() time.Time
 }
@@ -165,7 +171,7 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		return nil, err
 	}
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db, now: time.Now, cache: map[string]devState{}}
+	s := &Store{db: db, now: time.Now, cache: map[string]devState{}, seen: map[string]seenState{}}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
@@ -403,7 +409,17 @@ func (s *Store) AddDevice(ctx context.Context, id string, groups []string) error
 
 // CheckIn records what a device says about itself. The device must exist.
 func (s *Store) CheckIn(ctx context.Context, id string, c proto.CheckIn) error {
-	req := &checkinReq{id: id, c: c, at: s.now().Unix(), done: make(chan error, 1)}
+	key, _ := json.Marshal(c)
+	now := s.now()
+	if res := s.LastSeenResolution; res > 0 {
+		s.cacheMu.Lock()
+		last, ok := s.seen[id]
+		s.cacheMu.Unlock()
+		if ok && last.key == string(key) && now.Sub(time.Unix(last.at, 0)) < res {
+			return nil // nothing new, and last_seen is recent enough
+		}
+	}
+	req := &checkinReq{id: id, c: c, key: string(key), at: now.Unix(), done: make(chan error, 1)}
 	select {
 	case <-s.quit:
 		return errors.New("the store is closed")
@@ -430,8 +446,15 @@ func (s *Store) CheckIn(ctx context.Context, id string, c proto.CheckIn) error {
 type checkinReq struct {
 	id   string
 	c    proto.CheckIn
+	key  string // the check-in as JSON, to recognise a repeat
 	at   int64
 	done chan error
+}
+
+// seenState is a device's last stored check-in.
+type seenState struct {
+	key string
+	at  int64
 }
 
 // startBatcher starts the goroutine that commits check-ins in groups:
@@ -489,6 +512,18 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		}
 		return nil
 	})
+	if err == nil {
+		s.cacheMu.Lock()
+		if len(s.seen) >= maxCachedDevices {
+			clear(s.seen)
+		}
+		for i, r := range batch {
+			if errs[i] == nil {
+				s.seen[r.id] = seenState{key: r.key, at: r.at}
+			}
+		}
+		s.cacheMu.Unlock()
+	}
 	for i, r := range batch {
 		if err != nil {
 			r.done <- err

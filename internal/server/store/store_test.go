@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
@@ -282,6 +283,48 @@ func TestDeviceStateCacheFollowsChanges(t *testing.T) {
 		t.Fatalf("revoked b: %v", err)
 	}
 	if err := s.Active(ctx, "nobody"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown device: %v", err)
+	}
+}
+
+// With a last-seen resolution, a check-in that repeats the last one within
+// it is not written; a changed one is written at once, and a repeat after
+// the resolution refreshes last_seen.
+func TestLastSeenResolution(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, filepath.Join(t.TempDir(), "db"))
+	clock := time.Unix(1_800_000_000, 0)
+	s.now = func() time.Time { return clock }
+	s.LastSeenResolution = time.Minute
+	if err := s.AddDevice(ctx, "d", nil); err != nil {
+		t.Fatal(err)
+	}
+	c := proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}
+	seen := func() (time.Time, string) {
+		d, err := s.GetDevice(ctx, "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.LastSeen, d.Version
+	}
+	step := func(d time.Duration, c proto.CheckIn, wantSeen time.Time, wantVersion string) {
+		t.Helper()
+		clock = clock.Add(d)
+		if err := s.CheckIn(ctx, "d", c); err != nil {
+			t.Fatal(err)
+		}
+		if got, v := seen(); !got.Equal(wantSeen) || v != wantVersion {
+			t.Fatalf("at %v: last seen %v version %s, want %v %s", clock, got, v, wantSeen, wantVersion)
+		}
+	}
+	t0 := clock
+	step(0, c, t0, "1.0.0")
+	step(30*time.Second, c, t0, "1.0.0") // a repeat within the resolution: not written
+	c2 := c
+	c2.Version = "2.0.0"
+	step(time.Second, c2, t0.Add(31*time.Second), "2.0.0")    // changed: written at once
+	step(61*time.Second, c2, t0.Add(92*time.Second), "2.0.0") // a repeat after it: written
+	if err := s.CheckIn(ctx, "nobody", c); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown device: %v", err)
 	}
 }
