@@ -37,20 +37,20 @@ type Store struct {
 	// failures on outcome reports with it.
 	BeforeReportCommit func(status string) error
 
-	checkins  chan *checkinReq
-	quit      chan struct{}
-	prepared  sync.Map      // query text -> *sql.Stmt, for the device API's hot path
-	gen       atomic.Uint64 // bumped by every committed write but check-ins
-	cacheMu   sync.Mutex
-	cache     map[string]devState
-	seen      map[string]seenState // guarded by cacheMu
+	checkins chan *checkinReq
+	quit     chan struct{}
+	prepared sync.Map      // query text -> *sql.Stmt, for the device API's hot path
+	gen      atomic.Uint64 // bumped by every committed write but check-ins
+	cacheMu  sync.Mutex
+	cache    map[string]devState
+	seen     map[string]seenState // guarded by cacheMu
 
 	// LastSeenResolution: a check-in that repeats what the device last
 	// reported, less than this after its last stored check-in, is not
 	// written (last_seen is that coarse); 0 writes every check-in.
 	LastSeenResolution time.Duration
-	closeOnce sync.Once
-	now       func() time.Time
+	closeOnce          sync.Once
+	now                func() time.Time
 }
 
 // migrations, in order; each runs once, in a transaction, and bumps
