@@ -51,10 +51,7 @@ func runAPITokenList(ctx context.Context, args []string, stdout, stderr io.Write
 	fs := cli.NewFlags(stdout, "fieldpatch", "api-token list", "[--json] [server flags]", "Lists the API tokens (names and roles, never the secrets). Admin only.")
 	asJSON := fs.Bool("json", false, "print JSON")
 	conn := remoteFlags(fs)
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	r, err := conn()
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
 	if err != nil {
 		return err
 	}
@@ -79,14 +76,7 @@ func runAPITokenList(ctx context.Context, args []string, stdout, stderr io.Write
 func runAPITokenRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlags(stdout, "fieldpatch", "api-token revoke", "NAME [server flags]", "Stops an API token from working, at once. Admin only.")
 	conn := remoteFlags(fs)
-	pos, err := cli.ParseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return cli.Usagef("want one token name")
-	}
-	r, err := conn()
+	r, pos, err := connect(fs, conn, args, 1, "want one token name")
 	if err != nil {
 		return err
 	}
@@ -178,10 +168,7 @@ func runReleaseList(ctx context.Context, args []string, stdout, stderr io.Writer
 	hw := fs.String("hw-class", "", "only releases for this hardware class")
 	asJSON := fs.Bool("json", false, "print JSON")
 	conn := remoteFlags(fs)
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	r, err := conn()
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
 	if err != nil {
 		return err
 	}

@@ -196,6 +196,20 @@ func remoteFlags(fs *flag.FlagSet) func() (*remote, error) {
 	}
 }
 
+// connect parses the flags, wants n positional arguments (usage says
+// which, when they are wrong) and makes the client for the server.
+func connect(fs *flag.FlagSet, conn func() (*remote, error), args []string, n int, usage string) (*remote, []string, error) {
+	pos, err := cli.ParseFlags(fs, args)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(pos) != n {
+		return nil, nil, cli.Usagef("%s", usage)
+	}
+	r, err := conn()
+	return r, pos, err
+}
+
 func (r *remote) do(ctx context.Context, method, path string, body io.Reader, out any) error {
 	req, err := http.NewRequestWithContext(ctx, method, r.base+path, body)
 	if err != nil {
@@ -311,10 +325,7 @@ func runDeviceList(ctx context.Context, args []string, stdout, stderr io.Writer)
 		fs.Func(f.flag, f.help, func(v string) error { q.Set(f.param, v); return nil })
 	}
 	conn := remoteFlags(fs)
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	r, err := conn()
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
 	if err != nil {
 		return err
 	}
@@ -343,14 +354,7 @@ func runDeviceList(ctx context.Context, args []string, stdout, stderr io.Writer)
 func runDeviceShow(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlags(stdout, "fieldpatch", "device show", "ID [server flags]", "Shows a device and its update attempts (JSON).")
 	conn := remoteFlags(fs)
-	pos, err := cli.ParseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return cli.Usagef("want one device ID")
-	}
-	r, err := conn()
+	r, pos, err := connect(fs, conn, args, 1, "want one device ID")
 	if err != nil {
 		return err
 	}
@@ -365,14 +369,7 @@ func runDeviceRetry(ctx context.Context, args []string, stdout, stderr io.Writer
 	fs := cli.NewFlags(stdout, "fieldpatch", "device retry", "ID RELEASE [server flags]",
 		"Lets a device be offered a release again after it failed or rolled it back.")
 	conn := remoteFlags(fs)
-	pos, err := cli.ParseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 2 {
-		return cli.Usagef("want a device ID and a release")
-	}
-	r, err := conn()
+	r, pos, err := connect(fs, conn, args, 2, "want a device ID and a release")
 	if err != nil {
 		return err
 	}
@@ -389,10 +386,7 @@ The token is printed once; the server keeps only its hash.`)
 	uses := fs.Int("uses", 1, "how many devices may enroll with it")
 	asJSON := fs.Bool("json", false, "print JSON")
 	conn := remoteFlags(fs)
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	r, err := conn()
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
 	if err != nil {
 		return err
 	}
@@ -414,14 +408,7 @@ agent receives its certificate at its next enrollment attempt.`)
 	var groups cli.Strings
 	fs.Var(&groups, "group", "a group the device joins (repeatable)")
 	conn := remoteFlags(fs)
-	pos, err := cli.ParseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return cli.Usagef("want one device ID")
-	}
-	r, err := conn()
+	r, pos, err := connect(fs, conn, args, 1, "want one device ID")
 	if err != nil {
 		return err
 	}
@@ -436,10 +423,7 @@ func runDevicePending(ctx context.Context, args []string, stdout, stderr io.Writ
 	fs := cli.NewFlags(stdout, "fieldpatch", "device pending", "[--json] [server flags]", "Lists devices waiting for approval.")
 	asJSON := fs.Bool("json", false, "print JSON")
 	conn := remoteFlags(fs)
-	if _, err := cli.ParseFlags(fs, args); err != nil {
-		return err
-	}
-	r, err := conn()
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
 	if err != nil {
 		return err
 	}
@@ -461,14 +445,7 @@ func runDeviceRevoke(ctx context.Context, args []string, stdout, stderr io.Write
 		`Revokes a device (stolen, compromised or decommissioned): from its next
 request on, the server refuses it everywhere, whatever certificate it holds.`)
 	conn := remoteFlags(fs)
-	pos, err := cli.ParseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return cli.Usagef("want one device ID")
-	}
-	r, err := conn()
+	r, pos, err := connect(fs, conn, args, 1, "want one device ID")
 	if err != nil {
 		return err
 	}
