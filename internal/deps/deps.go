@@ -8,7 +8,7 @@
 //     server code (internal/server/...), and server code never imports
 //     device code;
 //   - shared packages (internal/image, internal/trust, internal/proto,
-//     internal/cli, internal/testenv, internal/deps) import neither side;
+//     internal/atomicfile, internal/cli, internal/testenv, internal/deps) import neither side;
 //   - only the wiring at the top (cmd/fieldpatch, and internal/fleet, whose
 //     virtual devices run real agent code against a real server) may use both;
 //   - the agent binary's dependency list holds no server code and no
@@ -45,6 +45,7 @@ var sides = map[string]Side{
 	"cmd/fieldpatch":       Wiring,
 	"internal/fleet":       Wiring,
 	"internal/image":       Shared,
+	"internal/atomicfile":  Shared,
 	"internal/trust":       Shared,
 	"internal/proto":       Shared,
 	"internal/cli":         Shared,

@@ -26,6 +26,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fieldpatch/fieldpatch/internal/atomicfile"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
 
@@ -223,7 +224,7 @@ func (l *Link) Renew(ctx context.Context) (*x509.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("renewed certificate: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(l.Bundle.Dir, identityFile), pair, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(l.Bundle.Dir, identityFile), pair, 0o600); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
@@ -299,7 +300,7 @@ func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) e
 		if err != nil {
 			return err
 		}
-		if err := writeAtomic(keyPath, kp, 0o600); err != nil {
+		if err := atomicfile.Write(keyPath, kp, 0o600); err != nil {
 			return err
 		}
 		keyPEM = kp
@@ -326,7 +327,7 @@ func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) e
 				name string
 				data []byte
 			}{{"device.pem", []byte(resp.CertPEM)}, {"ca.pem", []byte(resp.CAPEM)}, {"bundle.json", manifest}} {
-				if err := writeAtomic(filepath.Join(dir, f.name), f.data, 0o644); err != nil {
+				if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, 0o644); err != nil {
 					return err
 				}
 			}
@@ -407,31 +408,4 @@ func parseCert(p string) (*x509.Certificate, error) {
 		return nil, errors.New("no certificate in the answer")
 	}
 	return x509.ParseCertificate(block.Bytes)
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
 }
