@@ -192,7 +192,7 @@ func run(o options) error {
 		return err
 	}
 	defer ng()
-	if _, err := waitReady("https://"+ngAddr, filepath.Join(data, "pki", "ca.pem")); err != nil && !strings.Contains(err.Error(), "400") {
+	if _, err := waitReady("https://"+ngAddr, filepath.Join(data, "pki", "ca.pem")); err != nil {
 		return fmt.Errorf("nginx: %w", err)
 	}
 	if got, err := checkinOnce("https://"+ngAddr, pool, devs[1], body); err != nil || !bytes.Equal(got, answer) {
@@ -352,7 +352,9 @@ func register(a *adminClient, n, certs int) ([]device, error) {
 				}, &resp)
 				if err != nil {
 					mu.Lock()
-					firstErr = cmpErr(firstErr, err)
+					if firstErr == nil {
+						firstErr = err
+					}
 					mu.Unlock()
 					return
 				}
@@ -368,13 +370,6 @@ func register(a *adminClient, n, certs int) ([]device, error) {
 	}
 	wg.Wait()
 	return devs, firstErr
-}
-
-func cmpErr(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
 }
 
 // release builds a signed image of mib MiB and uploads it; it returns the

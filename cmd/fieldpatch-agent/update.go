@@ -198,7 +198,9 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 
 // openLink opens the link to the server: it enrolls first when the
 // config says how and there is no bundle yet, and renews the certificate
-// when a third of its lifetime is left (or always, with force).
+// now with force. Without force, renewal is the link's business: before
+// each check-in, when a third of the lifetime is left, and a failure there
+// does not stop a device whose certificate is still valid.
 func openLink(ctx context.Context, cfg *agent.Config, stderr io.Writer, force bool) (*link.Link, error) {
 	dir := cfg.Path(cfg.Link.Bundle)
 	if _, err := os.Stat(filepath.Join(dir, "bundle.json")); err != nil && cfg.Link.Enroll != nil {
@@ -223,16 +225,9 @@ func openLink(ctx context.Context, cfg *agent.Config, stderr io.Writer, force bo
 	if err != nil {
 		return nil, cli.Failed(err)
 	}
-	cert, err := l.Certificate()
-	if err != nil {
-		return nil, cli.Failed(err)
-	}
-	if force || link.NeedsRenewal(cert, time.Now()) {
-		if _, err := l.Renew(ctx); err != nil {
+	if force {
+		if _, err := l.Renew(ctx); err != nil { // Renew also switches l to the new identity
 			return nil, cli.Failed(fmt.Errorf("renew the device certificate: %w", err))
-		}
-		if l, err = link.Open(dir); err != nil {
-			return nil, cli.Failed(err)
 		}
 	}
 	return l, nil

@@ -512,7 +512,7 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		}
 		return nil
 	})
-	if err == nil {
+	if err == nil && s.LastSeenResolution > 0 {
 		s.cacheMu.Lock()
 		if len(s.seen) >= maxCachedDevices {
 			clear(s.seen)
