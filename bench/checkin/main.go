@@ -68,7 +68,7 @@ func main() {
 	flag.DurationVar(&o.warmup, "warmup", 3*time.Second, "load before measuring (opens every connection)")
 	flag.IntVar(&o.blobMiB, "blob-mib", 64, "release image size in MiB")
 	flag.IntVar(&o.streams, "streams", 4, "parallel blob downloads")
-	flag.IntVar(&o.rounds, "rounds", 4, "downloads per stream")
+	flag.IntVar(&o.rounds, "rounds", 6, "downloads per stream")
 	flag.StringVar(&o.serverCPU, "server-cpu", "0", "CPU list for the server and nginx (taskset -c)")
 	flag.StringVar(&o.loadCPU, "load-cpu", "1", "CPU list for this load generator")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory")
@@ -139,7 +139,17 @@ func run(o options) error {
 	if err := srv.Start(); err != nil {
 		return err
 	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
+	defer func() {
+		srv.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { srv.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			srv.Process.Kill()
+			<-done
+		}
+	}()
 	base := "https://" + addr
 	pool, err := waitReady(base, filepath.Join(data, "pki", "ca.pem"))
 	if err != nil {
@@ -218,15 +228,26 @@ func run(o options) error {
 	}
 	ratio := fp.rps / nx.rps
 
-	fmt.Printf("\nblob download: %d streams x %d rounds of %d MiB\n", o.streams, o.rounds, o.blobMiB)
-	fpBlob, err := download(base, pool, devs[0], blobPath, o)
-	if err != nil {
-		return fmt.Errorf("fieldpatch blob: %w", err)
+	// Rounds alternate between the two, so drift in this machine's speed
+	// over the run falls on both alike.
+	fmt.Printf("\nblob download: %d streams x %d rounds of %d MiB, alternating\n", o.streams, o.rounds, o.blobMiB)
+	one := o
+	one.rounds = 1
+	var fpSec, nxSec float64 // seconds per MiB, summed over rounds
+	for i := 0; i < o.rounds; i++ {
+		f, err := download(base, pool, devs[0], blobPath, one)
+		if err != nil {
+			return fmt.Errorf("fieldpatch blob: %w", err)
+		}
+		n, err := download("https://"+ngAddr, pool, devs[0], blobPath, one)
+		if err != nil {
+			return fmt.Errorf("nginx blob: %w", err)
+		}
+		fmt.Printf("  round %d: fieldpatch %.0f MiB/s, nginx %.0f MiB/s\n", i+1, f, n)
+		fpSec += 1 / f
+		nxSec += 1 / n
 	}
-	nxBlob, err := download("https://"+ngAddr, pool, devs[0], blobPath, o)
-	if err != nil {
-		return fmt.Errorf("nginx blob: %w", err)
-	}
+	fpBlob, nxBlob := float64(o.rounds)/fpSec, float64(o.rounds)/nxSec
 	fmt.Printf("| target | MiB/s |\n| --- | --- |\n| fieldpatch serve | %.0f |\n| nginx | %.0f |\n", fpBlob, nxBlob)
 	blobRatio := fpBlob / nxBlob
 

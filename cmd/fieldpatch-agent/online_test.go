@@ -66,7 +66,27 @@ func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServe
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.cmd.Process.Kill(); s.cmd.Wait() })
+	// At the end the server is stopped as a service manager stops it: with
+	// SIGTERM, after which it must finish and exit 0 (unless a test killed
+	// it already).
+	t.Cleanup(func() {
+		if s.cmd.ProcessState != nil {
+			return
+		}
+		s.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan error, 1)
+		go func() { done <- s.cmd.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("the server did not exit cleanly on SIGTERM: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			s.cmd.Process.Kill()
+			<-done
+			t.Error("the server did not stop within 15 s of SIGTERM")
+		}
+	})
 	sc := bufio.NewScanner(out)
 	for sc.Scan() {
 		if u, ok := strings.CutPrefix(sc.Text(), "serving on "); ok {

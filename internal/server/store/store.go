@@ -344,8 +344,10 @@ func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
 	return err
 }
 
-// writeTx is write without invalidating the device-state cache: for
-// check-ins only, which change nothing the cache holds.
+// writeTx is write without invalidating the device-state cache: for the
+// device path (check-ins, offers, reports), which changes nothing the cache
+// holds. Were it to invalidate, one device inside a rollout checking in
+// would send every other device back to the database.
 func (s *Store) writeTx(ctx context.Context, f func(tx *sql.Tx) error) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -712,7 +714,7 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 	case !st.hasRollout:
 		return nil, nil, false, nil
 	}
-	err = s.write(ctx, func(tx *sql.Tx) error {
+	err = s.writeTx(ctx, func(tx *sql.Tx) error { // updates only: the cache holds none
 		var hw, version string
 		if err := tx.QueryRowContext(ctx, `SELECT hw_class, version FROM devices WHERE id = ?`, deviceID).Scan(&hw, &version); err != nil {
 			if errors.Is(err, sql.ErrNoRows) {
@@ -787,7 +789,7 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 // stored=false and nil. A device can report only on its own updates.
 func (s *Store) RecordReport(ctx context.Context, deviceID string, r proto.Report) (stored bool, err error) {
 	body, _ := json.Marshal(r)
-	err = s.write(ctx, func(tx *sql.Tx) error {
+	err = s.writeTx(ctx, func(tx *sql.Tx) error { // updates and reports only: the cache holds none
 		var owner string
 		if err := tx.QueryRowContext(ctx, `SELECT device_id FROM updates WHERE id = ?`, r.UpdateID).Scan(&owner); err != nil {
 			if errors.Is(err, sql.ErrNoRows) {

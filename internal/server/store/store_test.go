@@ -264,6 +264,19 @@ func TestDeviceStateCacheFollowsChanges(t *testing.T) {
 	if !offer("a") || offer("b") {
 		t.Fatal("after assigning to a")
 	}
+	// The device path (offers, reports) keeps every device's cached state:
+	// a device inside a rollout must not send the rest to the database.
+	gen := s.gen.Load()
+	up, _, _, err := s.Offer(ctx, "a", next)
+	if err != nil || up == nil {
+		t.Fatalf("second offer to a: %v, %v", up, err)
+	}
+	if _, err := s.RecordReport(ctx, "a", proto.Report{ReportID: "rep-1", UpdateID: up.ID, Status: proto.StatusDownloading}); err != nil {
+		t.Fatal(err)
+	}
+	if g := s.gen.Load(); g != gen {
+		t.Fatalf("an offer and a report invalidated the device-state cache (generation %d -> %d)", gen, g)
+	}
 	if err := s.Assign(ctx, "to-lab", "r2", "group", "lab", false); err != nil {
 		t.Fatal(err)
 	}
