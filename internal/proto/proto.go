@@ -41,6 +41,7 @@ const (
 	MaxAttrLen      = 128
 	MaxLogTailBytes = 8 << 10
 	MaxReasonBytes  = 1 << 10
+	MaxCounter      = 1 << 53 // health counters (exact in JSON numbers and in the database)
 )
 
 // CheckIn is what a device says about itself when it asks for work.
@@ -55,6 +56,15 @@ type CheckIn struct {
 	// Phase and UpdateID say what the agent is doing, if anything.
 	Phase    string `json:"phase,omitempty"`
 	UpdateID string `json:"update_id,omitempty"`
+	// Health carries the device's own counters, for the rollouts' soak gate.
+	Health *Health `json:"health,omitempty"`
+}
+
+// Health is what a device counts about itself since it was made (the
+// counters only grow; one that goes down starts a new baseline).
+type Health struct {
+	WatchdogResets uint64 `json:"watchdog_resets"`
+	Crashes        uint64 `json:"crashes"`
 }
 
 // CheckInResponse is the server's answer: an offer, or when to come back.
@@ -210,6 +220,9 @@ func (c *CheckIn) Validate() error {
 		if err := ValidID("update_id", c.UpdateID); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if h := c.Health; h != nil && (h.WatchdogResets > MaxCounter || h.Crashes > MaxCounter) {
+		errs = append(errs, fmt.Errorf("health counters: at most %d", uint64(MaxCounter)))
 	}
 	return errors.Join(errs...)
 }

@@ -24,6 +24,7 @@ import (
 	_ "modernc.org/sqlite" // the database/sql driver "sqlite"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
 )
 
 // Store is an open database.
@@ -40,7 +41,11 @@ type Store struct {
 	checkins chan *checkinReq
 	quit     chan struct{}
 	prepared sync.Map      // query text -> *sql.Stmt, for the device API's hot path
-	gen      atomic.Uint64 // bumped by every committed write but check-ins
+	gen      atomic.Uint64 // bumped by every committed write but the device path's
+	local    atomic.Uint64 // bumped whenever one device's cached state is dropped
+	startMu  sync.Mutex    // serialises starting devices, so rollout limits hold
+	live     liveCache     // active and paused rollouts, for offers
+	zones    rollout.Zones
 	cacheMu  sync.Mutex
 	cache    map[string]devState
 	seen     map[string]seenState // guarded by cacheMu
@@ -160,6 +165,54 @@ var migrations = []string{
 		tag       TEXT NOT NULL,
 		PRIMARY KEY (device_id, tag)
 	);`,
+	// Staged rollouts: a rollout is its spec (JSON, see package rollout)
+	// and where it stands; an assignment becomes a one-phase rollout whose
+	// gates never trip. Updates remember the phase they started in; devices
+	// keep their health counters and the baseline of their current version.
+	`CREATE TABLE rollouts_new (
+		id               TEXT PRIMARY KEY,
+		release_id       TEXT NOT NULL REFERENCES releases(id),
+		spec             TEXT NOT NULL,
+		state            TEXT NOT NULL CHECK (state IN ('created', 'active', 'paused', 'aborted')),
+		phase            INTEGER NOT NULL DEFAULT 0,
+		phase_started_at INTEGER NOT NULL DEFAULT 0,
+		reason           TEXT NOT NULL DEFAULT '',
+		baseline         TEXT NOT NULL DEFAULT '{}',
+		created_at       INTEGER NOT NULL,
+		started_at       INTEGER NOT NULL DEFAULT 0,
+		updated_at       INTEGER NOT NULL DEFAULT 0
+	);
+	INSERT INTO rollouts_new (id, release_id, spec, state, phase, phase_started_at, created_at, started_at, updated_at)
+		SELECT id, release_id, json_object('id', id, 'release', release_id,
+			'target', CASE target_kind WHEN 'device' THEN json_object('devices', json_array(target)) ELSE json_object('groups', json_array(target)) END,
+			'phases', json_array(json_object('percent', 100, 'soak', '0s', 'gates', json_object('max_failure_rate', 1, 'max_rollback_rate', 1, 'max_unhealthy_rate', 1))),
+			'downgrade', json(CASE downgrade WHEN 0 THEN 'false' ELSE 'true' END)),
+			CASE state WHEN 'active' THEN 'active' ELSE 'aborted' END, 0, created_at, created_at, created_at, created_at
+		FROM rollouts;
+	DROP TABLE rollout_phases;
+	DROP TABLE rollouts;
+	ALTER TABLE rollouts_new RENAME TO rollouts;
+	CREATE INDEX rollouts_by_state ON rollouts(state);
+	CREATE TABLE rollout_events (
+		seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+		rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+		at         INTEGER NOT NULL,
+		kind       TEXT NOT NULL,
+		phase      INTEGER NOT NULL,
+		detail     TEXT NOT NULL DEFAULT ''
+	);
+	CREATE INDEX rollout_events_by_rollout ON rollout_events(rollout_id, seq);
+	ALTER TABLE updates ADD COLUMN phase INTEGER NOT NULL DEFAULT 0;
+	CREATE INDEX updates_by_rollout ON updates(rollout_id, phase, status);
+	CREATE INDEX updates_by_rollout_time ON updates(rollout_id, created_at);
+	CREATE UNIQUE INDEX updates_one_live ON updates(device_id, release_id) WHERE retired = 0;
+	ALTER TABLE devices ADD COLUMN health_resets INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN health_crashes INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN base_at INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN base_resets INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN base_crashes INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN prev_reset_rate REAL NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN prev_crash_rate REAL NOT NULL DEFAULT 0;`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
@@ -225,49 +278,121 @@ func (s *Store) Active(ctx context.Context, id string) error {
 	return nil
 }
 
-// devState is what the device API asks about a device on every request:
-// does it exist, is it revoked, is any active rollout aimed at it.
+// devState is what the device API needs about a device on every request:
+// does it exist, is it revoked, what it last said about itself, its groups
+// and tags (for rollout targets) and its live update attempts.
 type devState struct {
-	gen                         uint64
-	exists, revoked, hasRollout bool
+	gen             uint64
+	exists, revoked bool
+	hwClass         string
+	version         string
+	timeZone        string
+	attributes      map[string]string
+	groups, tags    []string
+	updates         []liveUpdate // not retired
+}
+
+// liveUpdate is a device's current attempt at a release.
+type liveUpdate struct {
+	id, rollout, release, status string
 }
 
 // maxCachedDevices bounds the device-state cache; past it, it starts over.
 const maxCachedDevices = 200_000
 
-// deviceState answers from a cache that any committed write other than a
-// check-in invalidates (by bumping the generation), so a revocation, a new
-// rollout or a group change is seen at the device's next request, and an
-// idle fleet's check-ins cost no query here.
+// deviceState answers from a cache. A committed write that may change what
+// it holds for many devices (a revocation, a group change, anything about
+// rollouts) bumps the generation and so invalidates every entry; the device
+// path drops only the device's own entry (forget) when it starts an update
+// or stores a report, and refreshes its facts in place after a check-in. So
+// a change is seen at the device's next request, and an idle fleet's
+// check-ins cost no query.
 func (s *Store) deviceState(ctx context.Context, id string) (devState, error) {
-	gen := s.gen.Load()
+	gen, local := s.gen.Load(), s.local.Load()
 	s.cacheMu.Lock()
 	st, ok := s.cache[id]
 	s.cacheMu.Unlock()
 	if ok && st.gen == gen {
 		return st, nil
 	}
-	var revoked int64
-	var has bool
-	err := s.queryRow(ctx, `SELECT d.revoked_at, EXISTS (SELECT 1 FROM rollouts r WHERE r.state = 'active' AND (
-			(r.target_kind = 'device' AND r.target = d.id) OR
-			(r.target_kind = 'group' AND r.target IN (SELECT grp FROM device_groups WHERE device_id = d.id))))
-		FROM devices d WHERE d.id = ?`, id).Scan(&revoked, &has)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		st = devState{gen: gen}
-	case err != nil:
+	st, err := s.loadDeviceState(ctx, id)
+	if err != nil {
 		return devState{}, err
-	default:
-		st = devState{gen: gen, exists: true, revoked: revoked != 0, hasRollout: has}
 	}
+	st.gen = gen
 	s.cacheMu.Lock()
-	if len(s.cache) >= maxCachedDevices {
-		clear(s.cache)
+	if s.local.Load() == local { // no device was forgotten while this loaded
+		if len(s.cache) >= maxCachedDevices {
+			clear(s.cache)
+		}
+		s.cache[id] = st
 	}
-	s.cache[id] = st
 	s.cacheMu.Unlock()
 	return st, nil
+}
+
+func (s *Store) loadDeviceState(ctx context.Context, id string) (devState, error) {
+	var st devState
+	var revoked int64
+	var attrs string
+	err := s.queryRow(ctx, `SELECT revoked_at, hw_class, version, time_zone, attributes FROM devices WHERE id = ?`, id).
+		Scan(&revoked, &st.hwClass, &st.version, &st.timeZone, &attrs)
+	if errors.Is(err, sql.ErrNoRows) {
+		return devState{}, nil
+	}
+	if err != nil {
+		return devState{}, err
+	}
+	st.exists, st.revoked = true, revoked != 0
+	json.Unmarshal([]byte(attrs), &st.attributes)
+	for _, l := range []struct {
+		q   string
+		dst *[]string
+	}{{`SELECT grp FROM device_groups WHERE device_id = ?`, &st.groups}, {`SELECT tag FROM device_tags WHERE device_id = ?`, &st.tags}} {
+		if err := s.queryRows(ctx, l.q, []any{id}, func(r *sql.Rows) error {
+			var v string
+			err := r.Scan(&v)
+			*l.dst = append(*l.dst, v)
+			return err
+		}); err != nil {
+			return devState{}, err
+		}
+	}
+	err = s.queryRows(ctx, `SELECT id, rollout_id, release_id, status FROM updates WHERE device_id = ? AND retired = 0`, []any{id}, func(r *sql.Rows) error {
+		var u liveUpdate
+		err := r.Scan(&u.id, &u.rollout, &u.release, &u.status)
+		st.updates = append(st.updates, u)
+		return err
+	})
+	return st, err
+}
+
+// queryRows runs a prepared query and calls f for each row.
+func (s *Store) queryRows(ctx context.Context, q string, args []any, f func(*sql.Rows) error) error {
+	st, err := s.stmt(ctx, q)
+	if err != nil {
+		return err
+	}
+	rows, err := st.QueryContext(ctx, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := f(rows); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// forget drops one device's cached state (after the device path changed
+// its updates).
+func (s *Store) forget(id string) {
+	s.cacheMu.Lock()
+	s.local.Add(1)
+	delete(s.cache, id)
+	s.cacheMu.Unlock()
 }
 
 // Revoke refuses a device from now on (a stolen or decommissioned one).
@@ -289,7 +414,11 @@ func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
 // Close closes the database.
 func (s *Store) Close() error {
-	s.closeOnce.Do(func() { close(s.quit) })
+	s.closeOnce.Do(func() {
+		if s.quit != nil {
+			close(s.quit)
+		}
+	})
 	s.prepared.Range(func(_, v any) bool { v.(*sql.Stmt).Close(); return true })
 	return s.db.Close()
 }
@@ -301,14 +430,24 @@ func (s *Store) SchemaVersion(ctx context.Context) (int, error) {
 	return v, err
 }
 
-func (s *Store) migrate(ctx context.Context) error {
-	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
+func (s *Store) migrate(ctx context.Context) error { return s.migrateTo(ctx, len(migrations)) }
+
+// migrateTo applies migrations up to n. They run as SQLite asks for schema
+// changes that rebuild a table: on one connection with foreign keys off,
+// each in a transaction that checks every foreign key before it commits.
+func (s *Store) migrateTo(ctx context.Context, n int) error {
+	conn, err := s.db.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)`); err != nil {
 		return err
 	}
 	var v int
-	err := s.db.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
+	err = conn.QueryRowContext(ctx, `SELECT version FROM schema_version`).Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
-		if _, err := s.db.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (0)`); err != nil {
+		if _, err := conn.ExecContext(ctx, `INSERT INTO schema_version (version) VALUES (0)`); err != nil {
 			return err
 		}
 	} else if err != nil {
@@ -317,24 +456,43 @@ func (s *Store) migrate(ctx context.Context) error {
 	if v > len(migrations) {
 		return fmt.Errorf("database schema version %d is newer than this server's %d", v, len(migrations))
 	}
-	for i := v; i < len(migrations); i++ {
-		tx, err := s.db.BeginTx(ctx, nil)
-		if err != nil {
-			return err
-		}
-		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
-			tx.Rollback()
+	if v >= n {
+		return nil
+	}
+	if _, err := conn.ExecContext(ctx, `PRAGMA foreign_keys = OFF`); err != nil {
+		return err
+	}
+	defer conn.ExecContext(context.Background(), `PRAGMA foreign_keys = ON`)
+	for i := v; i < n; i++ {
+		if err := migrateOne(ctx, conn, i); err != nil {
 			return fmt.Errorf("migration %d: %w", i+1, err)
-		}
-		if _, err := tx.ExecContext(ctx, `UPDATE schema_version SET version = ?`, i+1); err != nil {
-			tx.Rollback()
-			return err
-		}
-		if err := tx.Commit(); err != nil {
-			return err
 		}
 	}
 	return nil
+}
+
+func migrateOne(ctx context.Context, conn *sql.Conn, i int) error {
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+		return err
+	}
+	rows, err := tx.QueryContext(ctx, `PRAGMA foreign_key_check`)
+	if err != nil {
+		return err
+	}
+	bad := rows.Next()
+	rows.Close()
+	if bad {
+		return errors.New("it would leave rows whose references are broken")
+	}
+	if _, err := tx.ExecContext(ctx, `UPDATE schema_version SET version = ?`, i+1); err != nil {
+		return err
+	}
+	return tx.Commit()
 }
 
 // write runs f in a transaction and commits it (after BeforeCommit).
@@ -495,8 +653,21 @@ const maxCheckinBatch = 256
 func (s *Store) commitCheckins(batch []*checkinReq) {
 	errs := make([]error, len(batch))
 	err := s.writeTx(context.Background(), func(tx *sql.Tx) error {
-		stmt, err := tx.Prepare(`UPDATE devices SET hw_class = ?, version = ?, slot = ?, security_counter = ?, key_epoch = ?,
-			time_zone = ?, attributes = ?, phase = ?, last_seen = ? WHERE id = ?`)
+		// A new version starts a new health baseline, and the rate of
+		// watchdog resets and crashes on the old one is kept (per hour; the
+		// soak gate compares against it). SQLite's UPDATE reads every
+		// column's old value, whatever the order of the assignments.
+		stmt, err := tx.Prepare(`UPDATE devices SET
+			prev_reset_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
+				THEN max(health_resets - base_resets, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_reset_rate END,
+			prev_crash_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
+				THEN max(health_crashes - base_crashes, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_crash_rate END,
+			base_at = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?9 ELSE base_at END,
+			base_resets = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?11 ELSE base_resets END,
+			base_crashes = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?12 ELSE base_crashes END,
+			health_resets = ?11, health_crashes = ?12,
+			version = ?1, slot = ?2, hw_class = ?3, security_counter = ?4, key_epoch = ?5,
+			time_zone = ?6, attributes = ?7, phase = ?8, last_seen = ?9 WHERE id = ?10`)
 		if err != nil {
 			return err
 		}
@@ -504,7 +675,12 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		for i, r := range batch {
 			c := r.c
 			attrs, _ := json.Marshal(c.Attributes)
-			res, err := stmt.Exec(c.HWClass, c.Version, c.Slot, c.SecurityCounter, c.KeyEpoch, c.TimeZone, string(attrs), c.Phase, r.at, r.id)
+			var h proto.Health
+			if c.Health != nil {
+				h = *c.Health
+			}
+			res, err := stmt.Exec(c.Version, c.Slot, c.HWClass, c.SecurityCounter, c.KeyEpoch, c.TimeZone, string(attrs), c.Phase, r.at, r.id,
+				int64(h.WatchdogResets), int64(h.Crashes))
 			if err != nil {
 				return err
 			}
@@ -514,6 +690,17 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		}
 		return nil
 	})
+	if err == nil {
+		// What the device said is now its cached state too.
+		s.cacheMu.Lock()
+		for i, r := range batch {
+			if st, ok := s.cache[r.id]; ok && errs[i] == nil {
+				st.hwClass, st.version, st.timeZone, st.attributes = r.c.HWClass, r.c.Version, r.c.TimeZone, r.c.Attributes
+				s.cache[r.id] = st
+			}
+		}
+		s.cacheMu.Unlock()
+	}
 	if err == nil && s.LastSeenResolution > 0 {
 		s.cacheMu.Lock()
 		if len(s.seen) >= maxCachedDevices {
@@ -650,139 +837,6 @@ func (s *Store) AddRelease(ctx context.Context, r Release) error {
 	})
 }
 
-// Assign offers a release to a device or to a group: a rollout with one
-// phase at 100 percent. The rollouts layer adds phases to the same tables.
-func (s *Store) Assign(ctx context.Context, rolloutID, releaseID, targetKind, target string, downgrade bool) error {
-	if targetKind != "device" && targetKind != "group" {
-		return fmt.Errorf("target kind %q: want device or group", targetKind)
-	}
-	for _, id := range []string{rolloutID, releaseID, target} {
-		if err := proto.ValidID("id", id); err != nil {
-			return err
-		}
-	}
-	return s.write(ctx, func(tx *sql.Tx) error {
-		var n int
-		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM releases WHERE id = ?`, releaseID).Scan(&n); err != nil {
-			return err
-		}
-		if n == 0 {
-			return fmt.Errorf("release %s: %w", releaseID, ErrNotFound)
-		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO rollouts (id, release_id, target_kind, target, downgrade, created_at) VALUES (?, ?, ?, ?, ?, ?)`,
-			rolloutID, releaseID, targetKind, target, downgrade, s.now().Unix()); err != nil {
-			return err
-		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO rollout_phases (rollout_id, idx, percent) VALUES (?, 0, 100)`, rolloutID)
-		return err
-	})
-}
-
-// Update is one device's attempt at one release.
-type Update struct {
-	ID        string    `json:"id"`
-	DeviceID  string    `json:"device_id"`
-	RolloutID string    `json:"rollout_id"`
-	ReleaseID string    `json:"release_id"`
-	Status    string    `json:"status"` // offered, then the device's report statuses
-	Progress  float64   `json:"progress"`
-	Reason    string    `json:"reason,omitempty"`
-	LogTail   string    `json:"log_tail,omitempty"`
-	UpdatedAt time.Time `json:"updated_at"`
-}
-
-// StatusOffered is an update offered and not yet reported on.
-const StatusOffered = "offered"
-
-// Offer finds what to offer a device: the newest active rollout that
-// targets it or one of its groups, for its hardware class and another
-// version, that it has not already finished (committed, failed or rolled
-// back). An update in progress is offered again with the same ID. It uses
-// indexed lookups only: its cost does not grow with the fleet.
-func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string) (*Update, *Release, bool, error) {
-	var up *Update
-	var rel *Release
-	var downgrade bool
-	// Most check-ins have nothing to be offered: find that out without a
-	// write transaction (usually without a query).
-	st, err := s.deviceState(ctx, deviceID)
-	switch {
-	case err != nil:
-		return nil, nil, false, err
-	case !st.exists:
-		return nil, nil, false, fmt.Errorf("device %s: %w", deviceID, ErrNotFound)
-	case !st.hasRollout:
-		return nil, nil, false, nil
-	}
-	err = s.writeTx(ctx, func(tx *sql.Tx) error { // updates only: the cache holds none
-		var hw, version string
-		if err := tx.QueryRowContext(ctx, `SELECT hw_class, version FROM devices WHERE id = ?`, deviceID).Scan(&hw, &version); err != nil {
-			if errors.Is(err, sql.ErrNoRows) {
-				return fmt.Errorf("device %s: %w", deviceID, ErrNotFound)
-			}
-			return err
-		}
-		rows, err := tx.QueryContext(ctx, `
-			SELECT r.id, r.release_id, r.downgrade FROM rollouts r
-			WHERE r.state = 'active' AND (
-				(r.target_kind = 'device' AND r.target = ?) OR
-				(r.target_kind = 'group' AND r.target IN (SELECT grp FROM device_groups WHERE device_id = ?)))
-			ORDER BY r.created_at DESC, r.id DESC`, deviceID, deviceID)
-		if err != nil {
-			return err
-		}
-		type cand struct {
-			rollout, release string
-			down             bool
-		}
-		var cands []cand
-		for rows.Next() {
-			var c cand
-			if err := rows.Scan(&c.rollout, &c.release, &c.down); err != nil {
-				rows.Close()
-				return err
-			}
-			cands = append(cands, c)
-		}
-		rows.Close()
-		for _, c := range cands {
-			var r Release
-			var created int64
-			if err := tx.QueryRowContext(ctx, `SELECT id, version, hw_class, security_counter, key_epoch, sha256, length, created_at FROM releases WHERE id = ?`,
-				c.release).Scan(&r.ID, &r.Version, &r.HWClass, &r.SecurityCounter, &r.KeyEpoch, &r.SHA256, &r.Length, &created); err != nil {
-				return err
-			}
-			if r.HWClass != hw || r.Version == version {
-				continue
-			}
-			var u Update
-			var updated int64
-			err := tx.QueryRowContext(ctx, `SELECT id, device_id, rollout_id, release_id, status, progress, reason, updated_at FROM updates
-				WHERE device_id = ? AND release_id = ? AND retired = 0 ORDER BY created_at DESC LIMIT 1`, deviceID, r.ID).
-				Scan(&u.ID, &u.DeviceID, &u.RolloutID, &u.ReleaseID, &u.Status, &u.Progress, &u.Reason, &updated)
-			switch {
-			case err == nil && proto.Final(u.Status):
-				continue // finished: not offered again unless an operator retries it
-			case err == nil:
-				up, rel, downgrade = &u, &r, c.down
-				return nil
-			case !errors.Is(err, sql.ErrNoRows):
-				return err
-			}
-			u = Update{ID: newID(), DeviceID: deviceID, RolloutID: c.rollout, ReleaseID: r.ID, Status: StatusOffered}
-			now := s.now().Unix()
-			if _, err := tx.ExecContext(ctx, `INSERT INTO updates (id, device_id, rollout_id, release_id, status, created_at, updated_at)
-				VALUES (?, ?, ?, ?, ?, ?, ?)`, u.ID, deviceID, c.rollout, r.ID, u.Status, now, now); err != nil {
-				return err
-			}
-			up, rel, downgrade = &u, &r, c.down
-			return nil
-		}
-		return nil
-	})
-	return up, rel, downgrade, err
-}
-
 // RecordReport stores a device's report and applies it to its update, in
 // one transaction; it returns only once that transaction committed. The
 // same report ID from the same device is stored once: a retry returns
@@ -817,6 +871,9 @@ func (s *Store) RecordReport(ctx context.Context, deviceID string, r proto.Repor
 		}
 		return err
 	})
+	if stored {
+		s.forget(deviceID)
+	}
 	return stored, err
 }
 
