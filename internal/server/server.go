@@ -28,6 +28,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
@@ -50,6 +51,13 @@ type Config struct {
 	// DeviceCertLifetime is how long device certificates are valid
 	// (default pki.DefaultDeviceLifetime); agents renew at a third left.
 	DeviceCertLifetime time.Duration
+	// RolloutTick is how often the rollout engine judges gates and
+	// advances phases (default 10s).
+	RolloutTick time.Duration
+	// Clock, if set, is the scheduling clock of rollouts (soak times,
+	// windows, rate limits, last seen): a simulation runs it faster. Nil is
+	// the real time. Certificates and TLS always use the real time.
+	Clock func() time.Time
 }
 
 // Validate checks the configuration.
@@ -64,6 +72,9 @@ func (c *Config) Validate() error {
 	if c.PollInterval < 0 {
 		errs = append(errs, errors.New("poll interval must not be negative"))
 	}
+	if c.RolloutTick < 0 {
+		errs = append(errs, errors.New("rollout tick must not be negative"))
+	}
 	return errors.Join(errs...)
 }
 
@@ -75,7 +86,10 @@ type Server struct {
 	TLS     *tls.Config
 	Handler http.Handler
 	Token   string
-	log     *slog.Logger
+	// Engine advances rollouts; Serve runs it every tick.
+	Engine *rollout.Engine
+	tick   time.Duration
+	log    *slog.Logger
 }
 
 // New opens (or, on first start, creates) everything in the data directory.
@@ -93,6 +107,9 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	// last_seen is kept to a tenth of the poll interval (at most a minute):
 	// a repeated check-in within that is answered without a write.
 	st.LastSeenResolution = min(c.PollInterval/10, time.Minute)
+	if c.Clock != nil {
+		st.SetClock(c.Clock)
+	}
 	pkiDir := filepath.Join(c.DataDir, "pki")
 	ca, created, err := pki.LoadOrCreateCA(pkiDir)
 	if err != nil {
@@ -161,8 +178,18 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		}
 		w.Write([]byte("ready\n"))
 	})
+	reg.Counter("fieldpatch_rollout_decisions_total", "Rollout phases advanced and gates tripped by the engine.", "kind")
+	clock := c.Clock
+	if clock == nil {
+		clock = time.Now
+	}
+	tick := c.RolloutTick
+	if tick == 0 {
+		tick = 10 * time.Second
+	}
+	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) { reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind) }}
 	return &Server{
-		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg,
+		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick,
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
 			Certificates: []tls.Certificate{cert},
@@ -184,6 +211,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	ectx, stopEngine := context.WithCancel(ctx)
+	defer stopEngine()
+	go s.Engine.Run(ectx, s.tick)
 	select {
 	case err := <-errc:
 		return err

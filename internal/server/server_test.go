@@ -3,7 +3,9 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
@@ -25,8 +27,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
 // openAPI is the part of the OpenAPI document the tests are generated from.
@@ -62,6 +66,9 @@ type schema struct {
 	Pattern    string            `json:"pattern"`
 	Enum       []string          `json:"enum"`
 	Minimum    *float64          `json:"minimum"`
+	Maximum    *float64          `json:"maximum"`
+	MaxLength  *int              `json:"maxLength"`
+	Examples   []any             `json:"examples"`
 	Items      *schema           `json:"items"`
 	Properties map[string]schema `json:"properties"`
 	Required   []string          `json:"required"`
@@ -161,7 +168,12 @@ func newFixture(t *testing.T) *fixture {
 	t.Helper()
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
-	srv, err := New(ctx, Config{Listen: "127.0.0.1:0", DataDir: dir, PollInterval: time.Hour}, slog.New(slog.DiscardHandler))
+	key := ed25519.NewKeyFromSeed(bytes.Repeat([]byte{7}, 32))
+	_, pub, err := trust.WriteKeyPair(filepath.Join(t.TempDir(), "release"), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := New(ctx, Config{Listen: "127.0.0.1:0", DataDir: dir, PollInterval: time.Hour, ImageKeys: []string{pub}}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,6 +209,20 @@ func newFixture(t *testing.T) *fixture {
 		f.add(dev+" certificate", callerKind{0, "", f.client(cert)})
 	}
 	f.must("POST", mgmtapi.PathDevices+"/authz-gone/revoke", nil, nil, 200)
+	// A release named as the bad-input test's valid values name things, so
+	// a body that breaks a field and still got through would be accepted
+	// (and fail the test) rather than refused for its release; and a
+	// rollout that is not started, to act on.
+	var img bytes.Buffer
+	sc := uint32(1)
+	payload := bytes.Repeat([]byte("fw"), 1000)
+	if _, err := image.Build(ctx, &img, bytes.NewReader(payload), int64(len(payload)), image.BuildOptions{Version: "2.0.0", SecurityCounter: &sc, HWClass: "valid-name", Signers: []crypto.Signer{key}}); err != nil {
+		t.Fatal(err)
+	}
+	if code, resp := f.do(f.callers["bootstrap admin"], "POST", mgmtapi.PathReleases+"?id=valid-name", "application/octet-stream", img.Bytes()); code != 201 {
+		t.Fatalf("release upload: %d %s", code, resp)
+	}
+	f.must("POST", mgmtapi.PathRollouts, map[string]any{"id": "authz-dev", "release": "valid-name", "target": map[string]any{"all": true}}, nil, 201)
 	f.add("device certificate with a forged bearer", callerKind{0, "fpa_" + strings.Repeat("1", 48), f.callers["authz-dev certificate"].client})
 	return f
 }
@@ -419,53 +445,96 @@ func (d *openAPI) bad(s schema) map[string]string {
 	if len(s.Required) > 0 {
 		out["empty object"] = "{}"
 	}
-	for name, p := range s.Properties {
-		p = d.resolve(p)
-		var v any
-		switch {
-		case p.Type == "string" && p.Pattern != "":
-			v = "../escape"
-		case p.Type == "string" && len(p.Enum) > 0:
-			v = "superuser"
-		case p.Type == "string":
-			v = 12
-		case p.Type == "integer" && p.Minimum != nil:
-			v = *p.Minimum - 5
-		case p.Type == "integer":
-			v = "many"
-		case p.Type == "boolean":
-			v = "yes"
-		case p.Type == "array" && p.Items != nil && d.resolve(*p.Items).Pattern != "":
-			v = []string{"ok-name", "../escape"}
-		case p.Type == "array":
-			v = "not-a-list"
-		default:
-			continue
-		}
-		// Fill the other required fields with valid-looking values so the
-		// broken one is what is refused.
-		m := map[string]any{name: v}
-		for _, r := range s.Required {
-			if r != name {
-				m[r] = d.validValue(d.resolve(s.Properties[r]))
-			}
-		}
+	for what, m := range d.badFields(s, 0) {
 		b, _ := json.Marshal(m)
-		out["bad "+name] = string(b)
+		out["bad "+what] = string(b)
 	}
 	return out
 }
 
+// badFields breaks one field of an object schema at a time, recursing into
+// nested objects and arrays of objects; the other required fields get
+// valid values, so the broken one is what is refused.
+func (d *openAPI) badFields(s schema, depth int) map[string]map[string]any {
+	out := map[string]map[string]any{}
+	with := func(what, name string, v any) {
+		m := map[string]any{name: v}
+		for _, r := range s.Required {
+			if r != name {
+				m[r] = d.validValue(s.Properties[r])
+			}
+		}
+		out[what] = m
+	}
+	for name, p := range s.Properties {
+		p = d.resolve(p)
+		var items schema
+		if p.Items != nil {
+			items = d.resolve(*p.Items)
+		}
+		switch {
+		case p.Type == "string" && p.Pattern != "":
+			with(name, name, "../escape")
+		case p.Type == "string" && len(p.Enum) > 0:
+			with(name, name, "superuser")
+		case p.Type == "string" && p.MaxLength != nil:
+			with(name, name, strings.Repeat("x", *p.MaxLength+1))
+		case p.Type == "string":
+			with(name, name, 12)
+		case (p.Type == "integer" || p.Type == "number") && p.Minimum != nil:
+			with(name, name, *p.Minimum-5)
+			if p.Maximum != nil {
+				with(name+" above maximum", name, *p.Maximum+5)
+			}
+		case p.Type == "integer" || p.Type == "number":
+			with(name, name, "many")
+		case p.Type == "boolean":
+			with(name, name, "yes")
+		case p.Type == "array" && items.Pattern != "":
+			with(name, name, []string{"ok-name", "../escape"})
+		case p.Type == "array" && len(items.Enum) > 0:
+			with(name, name, []string{"superuser"})
+		case p.Type == "array" && len(items.Properties) > 0 && depth < 3:
+			with(name, name, "not-a-list")
+			for what, m := range d.badFields(items, depth+1) {
+				with(name+"[]."+what, name, []any{m})
+			}
+		case p.Type == "array":
+			with(name, name, "not-a-list")
+		case p.Type == "object" && len(p.Properties) > 0 && depth < 3:
+			with(name, name, "not-an-object")
+			for what, m := range d.badFields(p, depth+1) {
+				with(name+"."+what, name, m)
+			}
+		}
+	}
+	return out
+}
+
+// validValue is a value the schema accepts: its first example, or one
+// made from its type.
 func (d *openAPI) validValue(p schema) any {
+	p = d.resolve(p)
 	switch {
+	case len(p.Examples) > 0:
+		return p.Examples[0]
 	case len(p.Enum) > 0:
 		return p.Enum[0]
-	case p.Type == "integer":
+	case p.Type == "integer" || p.Type == "number":
+		if p.Minimum != nil {
+			return max(*p.Minimum, 1)
+		}
 		return 1
 	case p.Type == "boolean":
 		return false
 	case p.Type == "array":
 		return []string{}
+	case p.Type == "object":
+		m := map[string]any{}
+		for _, r := range p.Required {
+			m[r] = d.validValue(p.Properties[r])
+		}
+		return m
 	}
 	return "valid-name"
 }

@@ -89,6 +89,14 @@ func Routes() []Route {
 		{"POST", PathAPITokens, store.RoleAdmin, func(a *API) http.HandlerFunc { return a.createAPIToken }},
 		{"POST", PathAPITokens + "/{name}/revoke", store.RoleAdmin, func(a *API) http.HandlerFunc { return a.revokeAPIToken }},
 		{"GET", PathAudit, store.RoleAdmin, func(a *API) http.HandlerFunc { return a.auditLog }},
+		{"GET", PathRollouts, store.RoleViewer, func(a *API) http.HandlerFunc { return a.listRollouts }},
+		{"POST", PathRollouts, store.RoleOperator, func(a *API) http.HandlerFunc { return a.createRollout }},
+		{"GET", PathRollouts + "/{id}", store.RoleViewer, func(a *API) http.HandlerFunc { return a.showRollout }},
+		{"POST", PathRollouts + "/{id}/start", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionStart) }},
+		{"POST", PathRollouts + "/{id}/pause", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionPause) }},
+		{"POST", PathRollouts + "/{id}/resume", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionResume) }},
+		{"POST", PathRollouts + "/{id}/abort", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionAbort) }},
+		{"POST", PathRollouts + "/{id}/promote", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionPromote) }},
 	}
 }
 
@@ -282,11 +290,14 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 }
 
 func (a *API) storeError(w http.ResponseWriter, err error) {
-	if errors.Is(err, store.ErrNotFound) {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
 		fail(w, http.StatusNotFound, err.Error())
-		return
+	case errors.Is(err, store.ErrConflict):
+		fail(w, http.StatusConflict, err.Error())
+	default:
+		fail(w, http.StatusBadRequest, err.Error())
 	}
-	fail(w, http.StatusBadRequest, err.Error())
 }
 
 // uploadRelease stores the image, verifies it against the image keys and

@@ -71,6 +71,8 @@ type Engine struct {
 	Backend Backend
 	Now     func() time.Time
 	Log     *slog.Logger
+	// Decided, if set, is told of every decision applied (for metrics).
+	Decided func(Event)
 }
 
 // Tick judges every active rollout once: a tripped gate pauses or aborts
@@ -93,6 +95,9 @@ func (e *Engine) Tick(ctx context.Context) ([]Event, error) {
 		}
 		if ev != nil {
 			events = append(events, *ev)
+			if e.Decided != nil {
+				e.Decided(*ev)
+			}
 			if e.Log != nil {
 				e.Log.Info("rollout "+ev.Kind, "rollout", ev.Rollout, "phase", ev.Phase+1, "reason", ev.Reason)
 			}

@@ -140,16 +140,12 @@ type Duration time.Duration
 // MarshalJSON writes the duration as a string.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
 
-// UnmarshalJSON reads "1h30m" (or a number of seconds).
+// UnmarshalJSON reads "1h30m"; a bare number is refused (seconds or
+// nanoseconds? the string says).
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		var n float64
-		if err := json.Unmarshal(b, &n); err != nil {
-			return fmt.Errorf("a duration is a string such as \"1h30m\"")
-		}
-		*d = Duration(n * float64(time.Second))
-		return nil
+		return fmt.Errorf("a duration is a string such as \"1h30m\"")
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {

@@ -409,6 +409,10 @@ func (s *Store) Revoke(ctx context.Context, id string) error {
 	})
 }
 
+// SetClock sets the clock the store dates records and judges rollouts by
+// (a simulation runs it faster than real time). Call it before use.
+func (s *Store) SetClock(now func() time.Time) { s.now = now }
+
 // Ping checks that the database answers.
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
 
