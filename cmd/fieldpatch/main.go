@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/server/store"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -35,6 +36,15 @@ var commands = []command{
 	{"release upload", "upload a signed image as a release (checked against the image keys)", runReleaseUpload},
 	{"release list", "list releases", runReleaseList},
 	{"release assign", "offer a release to a device or a group", runReleaseAssign},
+	{"rollout create", "create a staged rollout: target, phases, soak, gates, windows, limits", runRolloutCreate},
+	{"rollout list", "list rollouts", runRolloutList},
+	{"rollout show", "show a rollout's progress, health, failures and history", runRolloutShow},
+	{"rollout watch", "follow a rollout live until it settles or stops", runRolloutWatch},
+	{"rollout start", "start a created rollout", rolloutAction(store.ActionStart)},
+	{"rollout pause", "pause a rollout: devices not yet started wait", rolloutAction(store.ActionPause)},
+	{"rollout resume", "resume a paused rollout (acknowledging a tripped gate)", rolloutAction(store.ActionResume)},
+	{"rollout abort", "abort a rollout for good", rolloutAction(store.ActionAbort)},
+	{"rollout promote", "move a rollout to its next phase now", rolloutAction(store.ActionPromote)},
 	{"device provision", "register a device and write its provisioning bundle", runDeviceProvision},
 	{"device list", "list devices", runDeviceList},
 	{"device show", "show a device and its updates", runDeviceShow},

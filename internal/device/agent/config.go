@@ -15,7 +15,25 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/device/boot"
 	"github.com/fieldpatch/fieldpatch/internal/device/slot"
+	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
+
+// healthFromFile reads the health counters the system keeps in a file. A
+// missing or unreadable file means no counters this time, not an error:
+// the check-in matters more.
+func healthFromFile(path string) func() *proto.Health {
+	return func() *proto.Health {
+		b, err := os.ReadFile(path)
+		if err != nil || len(b) > 4096 {
+			return nil
+		}
+		var h proto.Health
+		if json.Unmarshal(b, &h) != nil || h.WatchdogResets > proto.MaxCounter || h.Crashes > proto.MaxCounter {
+			return nil
+		}
+		return &h
+	}
+}
 
 // Config is the device agent's configuration file: the boot side
 // (boot.Config: slots, environment, keys, non-volatile store, hardware
@@ -54,6 +72,17 @@ type Config struct {
 	RebootCommand []string `json:"reboot_command,omitempty"`
 	// Link connects the agent to an update server.
 	Link *LinkConfig `json:"link,omitempty"`
+	// TimeZone is the device's IANA time zone ("Europe/Berlin"); rollouts
+	// open their maintenance windows in it.
+	TimeZone string `json:"time_zone,omitempty"`
+	// Attributes are reported at every check-in; rollouts can target them
+	// ("site": "berlin-3").
+	Attributes map[string]string `json:"attributes,omitempty"`
+	// HealthFile is a JSON file the system keeps up to date with its own
+	// counters, {"watchdog_resets": N, "crashes": M}, which only grow. The
+	// agent reports them at every check-in; a rollout's soak gate compares
+	// their rate on the new firmware with the old.
+	HealthFile string `json:"health_file,omitempty"`
 }
 
 // LinkConfig says how to reach the update server.
@@ -113,6 +142,14 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
+	if c.TimeZone != "" {
+		if _, err := time.LoadLocation(c.TimeZone); err != nil {
+			errs = append(errs, fmt.Errorf("time_zone %q: %v", c.TimeZone, err))
+		}
+	}
+	if len(c.Attributes) > proto.MaxAttributes {
+		errs = append(errs, fmt.Errorf("attributes: at most %d", proto.MaxAttributes))
+	}
 	if c.HookTimeout != "" {
 		if d, err := time.ParseDuration(c.HookTimeout); err != nil || d <= 0 {
 			errs = append(errs, fmt.Errorf("hook_timeout %q: want a positive duration such as 90s or 5m", c.HookTimeout))
@@ -145,7 +182,12 @@ func (c *Config) NewRunner(log *slog.Logger) (*Runner, func(), error) {
 		OpenSource: func(path string) (io.ReadCloser, error) {
 			return os.Open(path)
 		},
-		Log: log,
+		Log:        log,
+		TimeZone:   c.TimeZone,
+		Attributes: c.Attributes,
+	}
+	if c.HealthFile != "" {
+		r.Health = healthFromFile(c.Path(c.HealthFile))
 	}
 	hooks := &ExecHooks{Timeout: timeout, Log: log}
 	r.Hooks = &slotHooks{pattern: c.Path(c.HooksDir), hooks: hooks, runner: r}

@@ -112,7 +112,11 @@ func (r *Runner) poll(ctx context.Context, srv Server) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
-	c := proto.CheckIn{Version: f.RunningVersion, Slot: f.Booted, HWClass: f.HWClass, SecurityCounter: f.NVCounter, KeyEpoch: f.KeyEpoch, Phase: string(st.Phase)}
+	c := proto.CheckIn{Version: f.RunningVersion, Slot: f.Booted, HWClass: f.HWClass, SecurityCounter: f.NVCounter, KeyEpoch: f.KeyEpoch, Phase: string(st.Phase),
+		TimeZone: r.TimeZone, Attributes: r.Attributes}
+	if r.Health != nil {
+		c.Health = r.Health()
+	}
 	if c.Version == "" {
 		c.Version = "0.0.0"
 	}

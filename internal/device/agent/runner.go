@@ -19,6 +19,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/device/bootenv"
 	"github.com/fieldpatch/fieldpatch/internal/device/slot"
 	"github.com/fieldpatch/fieldpatch/internal/image"
+	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
 
 // Hooks runs the integrator's hooks of the firmware that is running.
@@ -116,6 +117,12 @@ type Runner struct {
 	// Notify, if set, hears each new state once it is persisted (status
 	// reports to the server).
 	Notify func(State)
+	// TimeZone and Attributes are reported at every check-in.
+	TimeZone   string
+	Attributes map[string]string
+	// Health, if set, gives the device's health counters for a check-in
+	// (nil when there are none to give).
+	Health func() *proto.Health
 }
 
 func (r *Runner) journalPath() string { return filepath.Join(r.StateDir, "journal.json") }

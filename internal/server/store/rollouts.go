@@ -483,8 +483,12 @@ func (s *Store) CohortPending(ctx context.Context, r *rollout.Rollout, phase int
 	if err != nil {
 		return 0, err
 	}
+	return s.pendingIn(ctx, r, devs, version, phase)
+}
+
+func (s *Store) pendingIn(ctx context.Context, r *rollout.Rollout, devs []rollout.Device, version string, phase int) (int, error) {
 	done := map[string]bool{}
-	err = s.queryRows(ctx, `SELECT device_id FROM updates WHERE release_id = ? AND retired = 0 AND status IN ('committed', 'failed', 'rolled_back')`,
+	err := s.queryRows(ctx, `SELECT device_id FROM updates WHERE release_id = ? AND retired = 0 AND status IN ('committed', 'failed', 'rolled_back')`,
 		[]any{r.Spec.Release}, func(rows *sql.Rows) error {
 			var id string
 			err := rows.Scan(&id)
@@ -610,6 +614,7 @@ type RolloutStatus struct {
 	rollout.Rollout
 	Release  Release         `json:"release"`
 	Targeted int             `json:"targeted"` // devices the target includes now
+	Pending  int             `json:"pending"`  // of those, neither on the release nor with an outcome
 	Phases   []PhaseStatus   `json:"phases"`
 	Totals   rollout.Stats   `json:"totals"`
 	Health   rollout.Health  `json:"health"`
@@ -668,6 +673,10 @@ func (s *Store) RolloutStatus(ctx context.Context, id string) (*RolloutStatus, e
 		return nil, err
 	}
 	out.Targeted = len(devs)
+	last := len(r.Spec.Phases) - 1
+	if out.Pending, err = s.pendingIn(ctx, r, devs, out.Release.Version, last); err != nil {
+		return nil, err
+	}
 	byPhase := map[int]map[string]int{}
 	err = s.queryRows(ctx, `SELECT phase, status, count(*) FROM updates WHERE rollout_id = ? AND retired = 0 GROUP BY phase, status`, []any{id}, func(rows *sql.Rows) error {
 		var p, n int

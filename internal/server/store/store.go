@@ -654,6 +654,11 @@ func (s *Store) startBatcher() {
 
 const maxCheckinBatch = 256
 
+// newBase says when a check-in starts a new health baseline: a new
+// version, the first check-in, or counters that went down (the device's
+// store was reset).
+const newBase = `(version <> ?1 OR base_at = 0 OR coalesce(?11, health_resets) < base_resets OR coalesce(?12, health_crashes) < base_crashes)`
+
 func (s *Store) commitCheckins(batch []*checkinReq) {
 	errs := make([]error, len(batch))
 	err := s.writeTx(context.Background(), func(tx *sql.Tx) error {
@@ -666,10 +671,10 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 				THEN max(health_resets - base_resets, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_reset_rate END,
 			prev_crash_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
 				THEN max(health_crashes - base_crashes, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_crash_rate END,
-			base_at = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?9 ELSE base_at END,
-			base_resets = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?11 ELSE base_resets END,
-			base_crashes = CASE WHEN version <> ?1 OR base_at = 0 OR ?11 < base_resets OR ?12 < base_crashes THEN ?12 ELSE base_crashes END,
-			health_resets = ?11, health_crashes = ?12,
+			base_at = CASE WHEN `+newBase+` THEN ?9 ELSE base_at END,
+			base_resets = CASE WHEN `+newBase+` THEN coalesce(?11, health_resets) ELSE base_resets END,
+			base_crashes = CASE WHEN `+newBase+` THEN coalesce(?12, health_crashes) ELSE base_crashes END,
+			health_resets = coalesce(?11, health_resets), health_crashes = coalesce(?12, health_crashes),
 			version = ?1, slot = ?2, hw_class = ?3, security_counter = ?4, key_epoch = ?5,
 			time_zone = ?6, attributes = ?7, phase = ?8, last_seen = ?9 WHERE id = ?10`)
 		if err != nil {
@@ -679,12 +684,12 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		for i, r := range batch {
 			c := r.c
 			attrs, _ := json.Marshal(c.Attributes)
-			var h proto.Health
-			if c.Health != nil {
-				h = *c.Health
+			var resets, crashes any // NULL: this check-in carries no counters, keep the last
+			if h := c.Health; h != nil {
+				resets, crashes = int64(h.WatchdogResets), int64(h.Crashes)
 			}
 			res, err := stmt.Exec(c.Version, c.Slot, c.HWClass, c.SecurityCounter, c.KeyEpoch, c.TimeZone, string(attrs), c.Phase, r.at, r.id,
-				int64(h.WatchdogResets), int64(h.Crashes))
+				resets, crashes)
 			if err != nil {
 				return err
 			}
