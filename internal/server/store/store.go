@@ -671,9 +671,9 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 				THEN max(health_resets - base_resets, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_reset_rate END,
 			prev_crash_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
 				THEN max(health_crashes - base_crashes, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_crash_rate END,
-			base_at = CASE WHEN `+newBase+` THEN ?9 ELSE base_at END,
-			base_resets = CASE WHEN `+newBase+` THEN coalesce(?11, health_resets) ELSE base_resets END,
-			base_crashes = CASE WHEN `+newBase+` THEN coalesce(?12, health_crashes) ELSE base_crashes END,
+			base_at = CASE WHEN ` + newBase + ` THEN ?9 ELSE base_at END,
+			base_resets = CASE WHEN ` + newBase + ` THEN coalesce(?11, health_resets) ELSE base_resets END,
+			base_crashes = CASE WHEN ` + newBase + ` THEN coalesce(?12, health_crashes) ELSE base_crashes END,
 			health_resets = coalesce(?11, health_resets), health_crashes = coalesce(?12, health_crashes),
 			version = ?1, slot = ?2, hw_class = ?3, security_counter = ?4, key_epoch = ?5,
 			time_zone = ?6, attributes = ?7, phase = ?8, last_seen = ?9 WHERE id = ?10`)
