@@ -62,6 +62,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	poll := fs.Duration("poll-interval", 0, "devices' base check-in interval (default 1h)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	certLife := fs.Duration("device-cert-lifetime", 0, "validity of device certificates (default 8760h); agents renew at a third left")
+	tick := fs.Duration("rollout-tick", 0, "how often rollouts' gates are judged and phases advanced (default 10s)")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
 	}
@@ -86,6 +87,9 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 		cfg.PollInterval = *poll
 	}
 	cfg.DeviceCertLifetime = *certLife
+	if *tick != 0 {
+		cfg.RolloutTick = *tick
+	}
 	if err := cfg.Validate(); err != nil {
 		return cli.Usagef("%v", err)
 	}

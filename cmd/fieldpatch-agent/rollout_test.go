@@ -1,0 +1,279 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	be "encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// inCohort is the cohort rule docs/OPERATIONS.md gives: the first 53 bits
+// of SHA-256(rollout ID, 0x00, device ID) as a fraction, below the phase's
+// percentage. Written out here (device-side tests import no server code),
+// it also checks that the server follows its documentation.
+func inCohort(rolloutID, deviceID string, percent float64) bool {
+	h := sha256.Sum256([]byte(rolloutID + "\x00" + deviceID))
+	return float64(be.BigEndian.Uint64(h[:8])>>11)/(1<<53) < percent/100
+}
+
+// pickRollout finds a rollout ID whose first phase reaches between lo and
+// hi of the devices, so a test knows its canaries.
+func pickRollout(t *testing.T, prefix string, ids []string, percent float64, lo, hi int) (string, map[string]bool) {
+	t.Helper()
+	for i := range 1000 {
+		id := fmt.Sprintf("%s-%d", prefix, i)
+		in := map[string]bool{}
+		for _, d := range ids {
+			if inCohort(id, d, percent) {
+				in[d] = true
+			}
+		}
+		if len(in) >= lo && len(in) <= hi {
+			return id, in
+		}
+	}
+	t.Fatal("no rollout ID gives a cohort of that size")
+	return "", nil
+}
+
+// lives runs devices as they live in the field: the agent daemon runs; when
+// it exits asking for a reboot, the boot selector runs and the daemon
+// starts again. stop(id) ends one device's life (it stops checking in),
+// wait() ends them all.
+type lives struct {
+	t      *testing.T
+	bin    string
+	mu     sync.Mutex
+	cancel map[string]context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func startLives(t *testing.T, bin string, devs map[string]*fileDevice) *lives {
+	l := &lives{t: t, bin: bin, cancel: map[string]context.CancelFunc{}}
+	for id, d := range devs {
+		ctx, cancel := context.WithCancel(context.Background())
+		l.cancel[id] = cancel
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			l.live(ctx, id, d)
+		}()
+	}
+	t.Cleanup(l.wait)
+	return l
+}
+
+func (l *lives) live(ctx context.Context, id string, d *fileDevice) {
+	for ctx.Err() == nil {
+		cmd := exec.CommandContext(ctx, l.bin, "run", "--config", d.cfg)
+		cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+		cmd.WaitDelay = 10 * time.Second
+		out, err := cmd.CombinedOutput()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			l.t.Errorf("%s: agent daemon: %v\n%s", id, err, out)
+			return
+		}
+		// It asked for a reboot: the boot selector picks the slot.
+		if out, err := exec.CommandContext(ctx, l.bin, "boot", "--config", d.cfg).CombinedOutput(); err != nil && ctx.Err() == nil {
+			l.t.Errorf("%s: boot: %v\n%s", id, err, out)
+			return
+		}
+	}
+}
+
+func (l *lives) stop(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.cancel[id]()
+}
+
+func (l *lives) wait() {
+	l.mu.Lock()
+	for _, c := range l.cancel {
+		c()
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+}
+
+// rolloutView is what `fieldpatch rollout show --json` prints, decoded here.
+type rolloutView struct {
+	State  string `json:"state"`
+	Phase  int    `json:"phase"`
+	Reason string `json:"reason"`
+	Totals struct {
+		Started    int `json:"started"`
+		Committed  int `json:"committed"`
+		RolledBack int `json:"rolled_back"`
+		InProgress int `json:"in_progress"`
+	} `json:"totals"`
+	Phases []struct {
+		Cohort int `json:"cohort"`
+	} `json:"phases"`
+	Events []struct{ Kind string } `json:"events"`
+}
+
+func (s *liveServer) rollout(id string) rolloutView {
+	s.t.Helper()
+	var v rolloutView
+	if err := json.Unmarshal([]byte(s.run("rollout", "show", id, "--json")), &v); err != nil {
+		s.t.Fatal(err)
+	}
+	return v
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// fleetOf provisions n file-backed devices in group "fleet"; bad ones get
+// a second-slot firmware that fails its health check.
+func fleetOf(t *testing.T, srv *liveServer, n int, bad bool) (map[string]*fileDevice, []string) {
+	devs := map[string]*fileDevice{}
+	var ids []string
+	for i := range n {
+		id := fmt.Sprintf("lock-%d", i)
+		d := newFileDevice(t)
+		bundle := filepath.Join(d.dir, "bundle")
+		srv.run("device", "provision", id, "--group", "fleet", "--out", bundle)
+		var cfg map[string]any
+		b, _ := os.ReadFile(d.cfg)
+		json.Unmarshal(b, &cfg)
+		cfg["link"] = map[string]string{"bundle": "bundle"}
+		cfg["time_zone"] = "Europe/Berlin"
+		b, _ = json.MarshalIndent(cfg, "", "  ")
+		os.WriteFile(d.cfg, b, 0o644)
+		if bad {
+			os.WriteFile(filepath.Join(d.dir, "hooks/b/health-check"), []byte("#!/bin/sh\necho 'lock service does not answer' >&2\nexit 1\n"), 0o755)
+		}
+		devs[id], ids = d, append(ids, id)
+	}
+	return devs, ids
+}
+
+// End to end with real agents and a real server: a release that fails its
+// health check is rolled back by the canaries on their own; the rollback
+// gate trips and pauses the rollout on its own; no device outside the
+// canary phase is ever offered it.
+func TestOnlineRolloutCanaryTrips(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	devs, ids := fleetOf(t, srv, 8, true)
+	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
+	id, canaries := pickRollout(t, "canary", ids, 25, 1, 3)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", id, "--group", "fleet", "--phases", "25,100", "--soak", "1s",
+		"--min-sample", "1", "--max-rollback-rate", "0.1", "--start")
+	startLives(t, agentBin, devs)
+
+	waitFor(t, "the gate to pause the rollout", 90*time.Second, func() bool { return srv.rollout(id).State == "paused" })
+	v := srv.rollout(id)
+	if v.Phase != 0 || !strings.Contains(v.Reason, "gate: rollback rate") {
+		t.Fatalf("paused in phase %d: %q", v.Phase+1, v.Reason)
+	}
+	// Every canary finishes by its own rules (rolled back, back on 1.0.0);
+	// meanwhile the others keep checking in and are offered nothing.
+	waitFor(t, "the canaries to roll back", 90*time.Second, func() bool {
+		for c := range canaries {
+			if lastUpdate(srv.device(c)) != "rolled_back" {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(2 * time.Second) // two more poll intervals for everyone
+	for _, d := range ids {
+		dv := srv.device(d)
+		switch {
+		case canaries[d] && (dv.Version != "1.0.0" || len(dv.Updates) != 1):
+			t.Errorf("canary %s: version %s, updates %+v", d, dv.Version, dv.Updates)
+		case !canaries[d] && len(dv.Updates) != 0:
+			t.Errorf("%s, outside the canary, was offered the release: %+v", d, dv.Updates)
+		case dv.LastSeen.Before(time.Now().Add(-5 * time.Second)):
+			t.Errorf("%s stopped checking in (last seen %v)", d, dv.LastSeen)
+		}
+	}
+	if v := srv.rollout(id); v.State != "paused" || v.Phase != 0 || v.Totals.RolledBack != len(canaries) {
+		t.Fatalf("after the canaries: %+v", v)
+	}
+}
+
+// The leak: a release that commits cleanly, after which some devices stop
+// checking in. The soak gate trips before the next phase starts.
+func TestOnlineRolloutSoakGate(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	devs, ids := fleetOf(t, srv, 8, false)
+	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
+	id, canaries := pickRollout(t, "leak", ids, 25, 1, 3)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", id, "--group", "fleet", "--phases", "25,100", "--soak", "60s",
+		"--min-sample", "1", "--silence", "3s", "--max-unhealthy-rate", "0.4", "--start")
+	l := startLives(t, agentBin, devs)
+	for c := range canaries {
+		waitFor(t, c+" to commit", 90*time.Second, func() bool { return lastUpdate(srv.device(c)) == "committed" })
+		l.stop(c) // the leak: it never checks in again
+	}
+	waitFor(t, "the soak gate", 30*time.Second, func() bool { return srv.rollout(id).State == "paused" })
+	v := srv.rollout(id)
+	if v.Phase != 0 || !strings.Contains(v.Reason, "gate: soak") || !strings.Contains(v.Reason, " silent,") {
+		t.Fatalf("paused in phase %d: %q", v.Phase+1, v.Reason)
+	}
+	for _, d := range ids {
+		if !canaries[d] && len(srv.device(d).Updates) != 0 {
+			t.Errorf("%s, outside the canary, was offered the release", d)
+		}
+	}
+}
+
+// The server is killed (SIGKILL) mid-phase and started again on the same
+// data: the rollout goes on, no device is started twice, none is lost.
+func TestOnlineRolloutSurvivesServerKill(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	addr := strings.TrimPrefix(srv.url, "https://")
+	devs, ids := fleetOf(t, srv, 6, false)
+	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
+	id, canaries := pickRollout(t, "restart", ids, 50, 2, 4)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", id, "--group", "fleet", "--phases", "50,100", "--soak", "2s", "--min-sample", "2", "--start")
+	startLives(t, agentBin, devs)
+	waitFor(t, "the canaries to start", 60*time.Second, func() bool { return srv.rollout(id).Totals.Started >= 1 })
+	srv.cmd.Process.Signal(syscall.SIGKILL)
+	srv.cmd.Wait()
+	srv2 := startServer(t, srv.dataDir, addr, "--rollout-tick=200ms")
+	waitFor(t, "every device to commit", 120*time.Second, func() bool {
+		for _, d := range ids {
+			if lastUpdate(srv2.device(d)) != "committed" {
+				return false
+			}
+		}
+		return true
+	})
+	for _, d := range ids {
+		if dv := srv2.device(d); len(dv.Updates) != 1 || dv.Version != "2.0.0" {
+			t.Errorf("%s: version %s, %d updates (want one)", d, dv.Version, len(dv.Updates))
+		}
+	}
+	v := srv2.rollout(id)
+	if v.Phase != 1 || v.Totals.Committed != len(ids) || v.Phases[0].Cohort != len(canaries) {
+		t.Fatalf("after the restart: %+v", v)
+	}
+}
