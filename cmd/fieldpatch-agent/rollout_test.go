@@ -272,6 +272,10 @@ func TestOnlineRolloutSurvivesServerKill(t *testing.T) {
 			t.Errorf("%s: version %s, %d updates (want one)", d, dv.Version, len(dv.Updates))
 		}
 	}
+	// `rollout watch` ends by itself once every targeted device is done.
+	if out := srv2.run("rollout", "watch", id, "--interval", "200ms"); !strings.Contains(out, fmt.Sprintf("rollout %s settled: %d committed, 0 failed, 0 rolled back", id, len(ids))) {
+		t.Errorf("watch said:\n%s", out)
+	}
 	v := srv2.rollout(id)
 	if v.Phase != 1 || v.Totals.Committed != len(ids) || v.Phases[0].Cohort != len(canaries) {
 		t.Fatalf("after the restart: %+v", v)

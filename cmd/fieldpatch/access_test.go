@@ -35,7 +35,7 @@ func (s *syncBuffer) String() string {
 
 // serveInProcess runs "fieldpatch serve" on a free loopback port until the
 // test ends and returns its URL and data directory.
-func serveInProcess(t *testing.T) (string, string) {
+func serveInProcess(t *testing.T, flags ...string) (string, string) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -47,7 +47,9 @@ func serveInProcess(t *testing.T) (string, string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var out, errs syncBuffer
 	done := make(chan int)
-	go func() { done <- run(ctx, []string{"serve", "--listen", addr, "--data-dir", dir}, &out, &errs) }()
+	go func() {
+		done <- run(ctx, append([]string{"serve", "--listen", addr, "--data-dir", dir}, flags...), &out, &errs)
+	}()
 	t.Cleanup(func() { cancel(); <-done })
 	for i := 0; i < 200 && !strings.Contains(out.String(), "serving on"); i++ {
 		time.Sleep(25 * time.Millisecond)

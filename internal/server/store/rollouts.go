@@ -235,7 +235,11 @@ func (s *Store) Control(ctx context.Context, id, action, reason string) (*rollou
 			if n, _ := res.RowsAffected(); n == 0 {
 				return fmt.Errorf("rollout %s is %s: cannot %s it: %w", id, cur.State, action, ErrState)
 			}
-			return event(ctx, tx, id, now, action+"d", cur.Phase, reason)
+			phase := cur.Phase
+			if action == ActionPromote {
+				phase++
+			}
+			return event(ctx, tx, id, now, action+"d", phase, reason)
 		}
 		switch action {
 		case ActionStart:
