@@ -131,7 +131,7 @@ step "14. Both slots damaged: recovery, never a jump into unverified code"
 flip "$dev/slot-a.img" 4096
 expect_refused "$AGENT" boot --config "$dev/device.json"
 
-step "15. Over the network: a real update server, a provisioned device, an assigned release"
+step "15. Over the network: a real update server, a provisioned device, a rollout"
 srvdata="$work/server"
 mkdir -p "$srvdata/image-keys"
 cp "$work/release-key.pub.pem" "$srvdata/image-keys/"
@@ -148,7 +148,7 @@ sed -i 's|"hooks_dir": "hooks/{slot}"|"hooks_dir": "hooks/{slot}",\n  "link": {"
 run "$AGENT" nv --config "$online/device.json" --init >/dev/null
 run "$AGENT" boot --config "$online/device.json" >/dev/null
 run "$FP" release upload --id smartlock-1.5.0 "$work/smartlock-1.5.0.img" --server "$url" --data-dir "$srvdata"
-run "$FP" release assign smartlock-1.5.0 --group lab --server "$url" --data-dir "$srvdata"
+run "$FP" rollout create smartlock-1.5.0 --id lab-1.5.0 --group lab --phases 100 --max-rollback-rate 0.1 --min-sample 1 --start --server "$url" --data-dir "$srvdata"
 
 step "16. The agent daemon checks in, downloads over mutual TLS, installs and asks for a reboot; on trial it commits and reports"
 run "$AGENT" run --config "$online/device.json" 2>/dev/null
@@ -159,5 +159,6 @@ run "$FP" device list --server "$url" --data-dir "$srvdata"
 "$FP" device show lock-7 --server "$url" --data-dir "$srvdata" > "$work/lock-7.json"
 grep -E '"(version|status|release_id)"' "$work/lock-7.json"
 grep -q '"status": "committed"' "$work/lock-7.json" || { echo "demo: the server did not record the commit" >&2; exit 1; }
+run "$FP" rollout show lab-1.5.0 --server "$url" --data-dir "$srvdata"
 
 printf '\n\033[1mdemo complete: every step behaved as it must.\033[0m\n'
