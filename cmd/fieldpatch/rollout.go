@@ -374,7 +374,7 @@ func settled(st *store.RolloutStatus) bool { return st.Pending == 0 }
 // rolloutAction makes the command for one operator action.
 func rolloutAction(action string) func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		fs := cli.NewFlags(stdout, "fieldpatch", "rollout "+action, "ID [--reason TEXT] [server flags]", map[string]string{
+		fs := cli.NewFlags(stdout, "fieldpatch", "rollout "+action, "ID [--reason TEXT] [--json] [server flags]", map[string]string{
 			store.ActionStart:   "Starts a created rollout; devices start once its schedule allows.",
 			store.ActionPause:   "Pauses a rollout: devices not yet started wait; those mid-update finish.",
 			store.ActionResume:  "Resumes a paused rollout. After a tripped gate this acknowledges what tripped\nit: from then on the gates judge only what happens next.",
@@ -382,6 +382,7 @@ func rolloutAction(action string) func(ctx context.Context, args []string, stdou
 			store.ActionPromote: "Moves a rollout to its next phase now, without waiting for soak and gates.",
 		}[action])
 		reason := fs.String("reason", "", "why (kept in the rollout's history)")
+		asJSON := fs.Bool("json", false, "print the rollout as JSON")
 		conn := remoteFlags(fs)
 		r, pos, err := connect(fs, conn, args, 1, "want one rollout ID")
 		if err != nil {
@@ -390,6 +391,9 @@ func rolloutAction(action string) func(ctx context.Context, args []string, stdou
 		var got rollout.Rollout
 		if err := r.do(ctx, "POST", mgmtapi.PathRollouts+"/"+url.PathEscape(pos[0])+"/"+action, jsonBody(mgmtapi.ControlRequest{Reason: *reason}), &got); err != nil {
 			return err
+		}
+		if *asJSON {
+			return cli.WriteJSON(stdout, got)
 		}
 		fmt.Fprintf(stdout, "rollout %s: %s, phase %d/%d (%g%%)\n", got.Spec.ID, got.State, got.Phase+1, len(got.Spec.Phases), got.Spec.Phases[got.Phase].Percent)
 		return nil

@@ -81,7 +81,11 @@ func TestRolloutCLI(t *testing.T) {
 	if err := json.Unmarshal([]byte(mustFP(t, append([]string{"rollout", "show", "fix", "--json"}, srv...)...)), &st); err != nil || st.Targeted != 0 || st.Phase != 1 || len(st.Events) != 5 {
 		t.Fatalf("show --json: %v %+v", err, st)
 	}
-	action("abort", 0)
+	var aborted rollout.Rollout
+	if err := json.Unmarshal([]byte(mustFP(t, append([]string{"rollout", "abort", "fix", "--reason", "test abort", "--json"}, srv...)...)), &aborted); err != nil ||
+		aborted.State != rollout.StateAborted || aborted.Reason != "aborted by an operator: test abort" {
+		t.Fatalf("abort --json: %v %+v", err, aborted)
+	}
 	action("resume", cli.ExitRefused)
 	// watch stops by itself on a stopped rollout, with the reason.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
