@@ -590,3 +590,33 @@ func openAt(t *testing.T, path string, n int) *Store {
 	}
 	return s
 }
+
+// With on_trip abort, a tripped gate aborts: nobody new starts, ever, and
+// an operator cannot resume it.
+func TestTripAborts(t *testing.T) {
+	f := newFleet(t, 100)
+	f.create(`{"id": "ro", "release": "r2", "target": {"all": true}, "on_trip": "abort",
+		"phases": [{"percent": 20, "gates": {"min_sample": 1, "max_failure_rate": 0}}, {"percent": 100}]}`)
+	first := true
+	offered := f.pollAll(func(string) string {
+		if first {
+			first = false
+			return proto.StatusFailed
+		}
+		return proto.StatusCommitted
+	})
+	if ev := f.tick(); len(ev) != 1 || ev[0].Kind != "aborted" || !strings.Contains(ev[0].Reason, "failure rate") {
+		t.Fatalf("trip: %+v", ev)
+	}
+	if r := f.get("ro"); r.State != rollout.StateAborted {
+		t.Fatalf("state %s", r.State)
+	}
+	f.clock = f.clock.Add(24 * time.Hour)
+	f.tick()
+	if again := f.pollAll(committed); len(again) != 0 {
+		t.Fatalf("offered after the abort: %d devices (first wave %d)", len(again), len(offered))
+	}
+	if _, err := f.s.Control(f.ctx, "ro", ActionResume, ""); !errors.Is(err, ErrState) {
+		t.Fatalf("resuming an aborted rollout: %v", err)
+	}
+}
