@@ -139,17 +139,7 @@ func run(o options) error {
 	if err := srv.Start(); err != nil {
 		return err
 	}
-	defer func() {
-		srv.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { srv.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			srv.Process.Kill()
-			<-done
-		}
-	}()
+	defer stop(srv, 10*time.Second)
 	base := "https://" + addr
 	pool, err := waitReady(base, filepath.Join(data, "pki", "ca.pem"))
 	if err != nil {
@@ -610,15 +600,20 @@ http {
 		return nil, err
 	}
 	return func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
+		stop(cmd, 5*time.Second)
 		out.Close()
 	}, nil
+}
+
+// stop interrupts a process and waits for it, killing it after grace.
+func stop(cmd *exec.Cmd, grace time.Duration) {
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		cmd.Process.Kill()
+		<-done
+	}
 }

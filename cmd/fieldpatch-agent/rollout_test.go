@@ -154,22 +154,28 @@ func fleetOf(t *testing.T, srv *liveServer, n int, bad bool) (map[string]*fileDe
 	var ids []string
 	for i := range n {
 		id := fmt.Sprintf("lock-%d", i)
-		d := newFileDevice(t)
-		bundle := filepath.Join(d.dir, "bundle")
-		srv.run("device", "provision", id, "--group", "fleet", "--out", bundle)
-		var cfg map[string]any
-		b, _ := os.ReadFile(d.cfg)
-		json.Unmarshal(b, &cfg)
-		cfg["link"] = map[string]string{"bundle": "bundle"}
-		cfg["time_zone"] = "Europe/Berlin"
-		b, _ = json.MarshalIndent(cfg, "", "  ")
-		os.WriteFile(d.cfg, b, 0o644)
+		d := linkedDevice(t, srv, id, "fleet")
 		if bad {
 			os.WriteFile(filepath.Join(d.dir, "hooks/b/health-check"), []byte("#!/bin/sh\necho 'lock service does not answer' >&2\nexit 1\n"), 0o755)
 		}
 		devs[id], ids = d, append(ids, id)
 	}
 	return devs, ids
+}
+
+// linkedDevice is a file-backed device provisioned in a group, in Berlin.
+func linkedDevice(t *testing.T, srv *liveServer, id, group string) *fileDevice {
+	t.Helper()
+	d := newFileDevice(t)
+	srv.run("device", "provision", id, "--group", group, "--out", filepath.Join(d.dir, "bundle"))
+	var cfg map[string]any
+	b, _ := os.ReadFile(d.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["link"] = map[string]string{"bundle": "bundle"}
+	cfg["time_zone"] = "Europe/Berlin"
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(d.cfg, b, 0o644)
+	return d
 }
 
 // End to end with real agents and a real server: a release that fails its
@@ -292,15 +298,7 @@ func TestOnlineRolloutControl(t *testing.T) {
 	agentBin := agentBinary(t)
 	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
 	devs, ids := fleetOf(t, srv, 6, false)
-	late := newFileDevice(t)
-	srv.run("device", "provision", "late", "--group", "other", "--out", filepath.Join(late.dir, "bundle"))
-	var cfg map[string]any
-	b, _ := os.ReadFile(late.cfg)
-	json.Unmarshal(b, &cfg)
-	cfg["link"] = map[string]string{"bundle": "bundle"}
-	b, _ = json.MarshalIndent(cfg, "", "  ")
-	os.WriteFile(late.cfg, b, 0o644)
-	devs["late"] = late
+	devs["late"] = linkedDevice(t, srv, "late", "other")
 	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
 	srv.run("rollout", "create", "lock-2.0.0", "--id", "one-by-one", "--group", "fleet", "--max-downloads", "1", "--min-sample", "1", "--start")
 	startLives(t, agentBin, devs)
