@@ -358,3 +358,30 @@ func TestOnlineRolloutControl(t *testing.T) {
 		}
 	}
 }
+
+// Maintenance windows with real agents, in each device's own time zone: a
+// window around the current time in Berlin is six hours away in New York,
+// so the Berlin device updates and the New York one is not offered it.
+func TestOnlineRolloutWindows(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	berlin := linkedDevice(t, srv, "lock-berlin", "fleet")
+	ny := linkedDevice(t, srv, "lock-ny", "fleet")
+	var cfg map[string]any
+	b, _ := os.ReadFile(ny.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["time_zone"] = "America/New_York"
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(ny.cfg, b, 0o644)
+	srv.run("release", "upload", "--id", "lock-2.0.0", berlin.v2)
+	loc, _ := time.LoadLocation("Europe/Berlin")
+	now := time.Now().In(loc)
+	window := now.Add(-time.Hour).Format("15:04") + "-" + now.Add(time.Hour).Format("15:04")
+	srv.run("rollout", "create", "lock-2.0.0", "--id", "night", "--group", "fleet", "--window", window, "--min-sample", "1", "--start")
+	startLives(t, agentBin, map[string]*fileDevice{"lock-berlin": berlin, "lock-ny": ny})
+	waitFor(t, "the Berlin device to update inside its window", 60*time.Second, func() bool { return lastUpdate(srv.device("lock-berlin")) == "committed" })
+	time.Sleep(2 * time.Second) // two more check-ins from New York
+	if dv := srv.device("lock-ny"); len(dv.Updates) != 0 || dv.LastSeen.Before(time.Now().Add(-5*time.Second)) {
+		t.Fatalf("New York (window %s Berlin time is six hours away there): updates %+v, last seen %v", window, dv.Updates, dv.LastSeen)
+	}
+}
