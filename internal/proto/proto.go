@@ -15,6 +15,7 @@ package proto
 
 import (
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
@@ -32,6 +33,7 @@ const (
 	PathReports = "/api/v1/reports"
 	PathEnroll  = "/api/v1/enroll" // no client certificate: how a device gets one
 	PathRenew   = "/api/v1/renew"  // with the current certificate: a new one for a new key
+	PathTUF     = "/api/v1/tuf/"   // followed by N.root.json, timestamp.json, N.snapshot.json, N.targets.json
 )
 
 // Limits on what a device may send.
@@ -150,6 +152,9 @@ type EnrollResponse struct {
 	Status  string `json:"status"` // "enrolled" or "pending"
 	CertPEM string `json:"cert_pem,omitempty"`
 	CAPEM   string `json:"ca_pem,omitempty"`
+	// TUFRoot is the repository's current root metadata, the device's
+	// first trusted root (absent before the operator set one up).
+	TUFRoot json.RawMessage `json:"tuf_root,omitempty"`
 }
 
 // RenewRequest asks for a new certificate for a new key, before the

@@ -28,6 +28,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/repo"
 	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 	"github.com/fieldpatch/fieldpatch/internal/trust"
@@ -88,7 +89,9 @@ type Server struct {
 	Token   string
 	// Engine advances rollouts; Serve runs it every tick.
 	Engine *rollout.Engine
-	tick   time.Duration
+	// Repo is the TUF repository; Serve re-signs its timestamp in time.
+	Repo *repo.Repo
+	tick time.Duration
 	log    *slog.Logger
 }
 
@@ -157,12 +160,17 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 			return nil
 		}
 	}
+	tuf, err := repo.Open(filepath.Join(c.DataDir, "tuf"))
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("TUF repository: %w", err)
+	}
 	blobs := &blob.Store{Dir: filepath.Join(c.DataDir, "blobs")}
 	reg := metrics.New()
 	reg.Counter("fieldpatch_http_requests_total", "HTTP requests by API and status code.", "api", "code")
 	reg.Histogram("fieldpatch_http_request_duration_seconds", "HTTP request latency by API.", metrics.LatencyBuckets, "api")
-	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg, CA: ca}
-	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg}
+	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg, CA: ca, Repo: tuf}
+	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg, Repo: tuf}
 	mux := http.NewServeMux()
 	mux.Handle("/api/v1/", instrument(reg, "device", dev.Handler()))
 	mux.Handle("/api/mgmt/v1/", instrument(reg, "management", mgmt.Handler()))
@@ -189,7 +197,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	}
 	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) { reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind) }}
 	return &Server{
-		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick,
+		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick, Repo: tuf,
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
 			Certificates: []tls.Certificate{cert},
@@ -214,6 +222,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	ectx, stopEngine := context.WithCancel(ctx)
 	defer stopEngine()
 	go s.Engine.Run(ectx, s.tick)
+	go s.refreshTUF(ectx)
 	select {
 	case err := <-errc:
 		return err
@@ -222,6 +231,25 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer cancel()
 		hs.Shutdown(sctx)
 		return nil
+	}
+}
+
+// refreshTUF re-signs the online TUF metadata at half its lifetime, checking
+// every minute, so devices never see it expire while the server runs.
+func (s *Server) refreshTUF(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		if did, err := s.Repo.Refresh(); err != nil {
+			s.log.Error("TUF timestamp refresh", "err", err)
+		} else if did {
+			s.log.Info("re-signed the TUF timestamp")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 

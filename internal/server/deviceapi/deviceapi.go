@@ -22,6 +22,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
 	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/repo"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 )
 
@@ -43,6 +44,9 @@ type API struct {
 	// CA issues certificates to enrolling and renewing devices; nil turns
 	// enrollment off.
 	CA *pki.CA
+	// Repo is the TUF repository; once it has a root, only releases
+	// published as its targets are offered, and devices read its metadata.
+	Repo *repo.Repo
 
 	sem chan struct{}
 }
@@ -78,6 +82,7 @@ func (a *API) Handler() http.Handler {
 	mux.HandleFunc("POST "+proto.PathReports, a.device(a.report))
 	mux.HandleFunc("POST "+proto.PathRenew, a.device(a.renew))
 	mux.HandleFunc("POST "+proto.PathEnroll, a.enroll)
+	mux.HandleFunc("GET "+proto.PathTUF+"{file}", a.device(a.tufFile))
 	return mux
 }
 
@@ -185,6 +190,12 @@ func (a *API) checkIn(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	resp := proto.CheckInResponse{NextPollSeconds: a.jitter()}
 	a.Metrics.Add("fieldpatch_checkins_total", 1)
+	if up != nil && !a.published(rel) {
+		// Devices check every offer against the signed targets: one that
+		// is not there would only be refused.
+		a.Log.Warn("release not published in the TUF targets: not offered", "release", rel.ID, "device", id)
+		up = nil
+	}
 	if up != nil {
 		a.Metrics.Add("fieldpatch_offers_total", 1)
 		resp.Offer = &proto.Offer{
@@ -201,6 +212,47 @@ func (a *API) checkIn(w http.ResponseWriter, r *http.Request, id string) {
 		a.Log.Info("offer", "device", id, "update", up.ID, "release", rel.ID)
 	}
 	writeJSON(w, resp)
+}
+
+// tufRoot is the repository's current root, for a device's bundle.
+func (a *API) tufRoot() json.RawMessage {
+	if a.Repo == nil {
+		return nil
+	}
+	b, err := a.Repo.Current("root")
+	if err != nil {
+		return nil
+	}
+	return b
+}
+
+// published says whether a release may be offered: always before the TUF
+// repository has a root; afterwards only as a target whose length and
+// SHA-256 are the release's.
+func (a *API) published(rel *store.Release) bool {
+	if a.Repo == nil || !a.Repo.Initialized() {
+		return true
+	}
+	t, ok := a.Repo.Target(repo.TargetName(rel.HWClass, rel.Version))
+	return ok && t.Length == rel.Length && hex.EncodeToString(t.Hashes["sha256"]) == rel.SHA256
+}
+
+// tufFile serves the repository's metadata; a file that does not exist
+// (the next root, say) is a 404, which is how a device learns it has the
+// newest.
+func (a *API) tufFile(w http.ResponseWriter, r *http.Request, id string) {
+	if a.Repo == nil {
+		fail(w, http.StatusNotFound, "no TUF repository")
+		return
+	}
+	b, err := a.Repo.File(r.PathValue("file"))
+	if err != nil {
+		fail(w, http.StatusNotFound, "no such metadata")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Write(b)
 }
 
 func (a *API) blob(w http.ResponseWriter, r *http.Request, id string) {
@@ -318,7 +370,7 @@ func (a *API) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a.Log.Info("device enrolled", "device", req.DeviceID, "by_token", req.Token != "")
-	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)})
+	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM), TUFRoot: a.tufRoot()})
 }
 
 func (a *API) enrollError(w http.ResponseWriter, err error) {
@@ -355,7 +407,7 @@ func (a *API) renew(w http.ResponseWriter, r *http.Request, id string) {
 		return
 	}
 	a.Log.Info("device certificate renewed", "device", id)
-	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)})
+	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM), TUFRoot: a.tufRoot()})
 }
 
 // countingWriter counts the body bytes written.

@@ -30,6 +30,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+	"github.com/fieldpatch/fieldpatch/internal/server/repo"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 )
 
@@ -59,6 +60,7 @@ type API struct {
 	CA        *pki.CA
 	ImageKeys []crypto.PublicKey
 	Token     string // the bootstrap admin token (DATA-DIR/admin.token)
+	Repo      *repo.Repo
 	Log       *slog.Logger
 }
 
@@ -97,6 +99,10 @@ func Routes() []Route {
 		{"POST", PathRollouts + "/{id}/resume", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionResume) }},
 		{"POST", PathRollouts + "/{id}/abort", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionAbort) }},
 		{"POST", PathRollouts + "/{id}/promote", store.RoleOperator, func(a *API) http.HandlerFunc { return a.control(store.ActionPromote) }},
+		{"GET", PathTUF, store.RoleViewer, func(a *API) http.HandlerFunc { return a.tufStatus }},
+		{"GET", PathTUF + "/{role}", store.RoleViewer, func(a *API) http.HandlerFunc { return a.tufCurrent }},
+		{"PUT", PathTUF + "/root", store.RoleAdmin, func(a *API) http.HandlerFunc { return a.tufPutRoot }},
+		{"PUT", PathTUF + "/targets", store.RoleOperator, func(a *API) http.HandlerFunc { return a.tufPutTargets }},
 	}
 }
 
@@ -161,8 +167,13 @@ func (a *API) auth(rt Route, h http.HandlerFunc) http.HandlerFunc {
 		}
 		var body []byte
 		if r.URL.Path != PathReleases {
+			// The first 64 KiB are kept for the audit log; the handler
+			// reads the whole body (TUF metadata can be larger).
 			body, _ = io.ReadAll(io.LimitReader(r.Body, 64<<10+1))
-			r.Body = io.NopCloser(bytes.NewReader(body))
+			r.Body = struct {
+				io.Reader
+				io.Closer
+			}{io.MultiReader(bytes.NewReader(body), r.Body), r.Body}
 		}
 		rec := &recorder{ResponseWriter: w}
 		if store.RoleRank(c.role) < store.RoleRank(rt.Role) {
@@ -438,6 +449,9 @@ type ProvisionResponse struct {
 	CertPEM      string   `json:"cert_pem"`
 	CAPEM        string   `json:"ca_pem"`
 	ImageKeysPEM []string `json:"image_keys_pem"` // the image-signing keys the device must trust
+	// TUFRoot is the TUF repository's current root metadata, the device's
+	// first trusted root (absent before "fieldpatch trust init").
+	TUFRoot json.RawMessage `json:"tuf_root,omitempty"`
 }
 
 func (a *API) provision(w http.ResponseWriter, r *http.Request) {
@@ -465,6 +479,11 @@ func (a *API) provision(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp := ProvisionResponse{DeviceID: req.ID, CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)}
+	if a.Repo != nil {
+		if root, err := a.Repo.Current("root"); err == nil {
+			resp.TUFRoot = root
+		}
+	}
 	for _, k := range a.ImageKeys {
 		der, err := x509.MarshalPKIXPublicKey(k)
 		if err != nil {
