@@ -92,7 +92,7 @@ type Server struct {
 	// Repo is the TUF repository; Serve re-signs its timestamp in time.
 	Repo *repo.Repo
 	tick time.Duration
-	log    *slog.Logger
+	log  *slog.Logger
 }
 
 // New opens (or, on first start, creates) everything in the data directory.

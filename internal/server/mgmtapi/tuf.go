@@ -114,4 +114,3 @@ func (a *API) tufPutTargets(w http.ResponseWriter, r *http.Request) {
 	a.Log.Info("published TUF targets", "version", v)
 	writeJSON(w, http.StatusOK, Published{Role: metadata.TARGETS, Version: v})
 }
-
