@@ -14,6 +14,8 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/device/link"
+	"github.com/fieldpatch/fieldpatch/internal/device/tufclient"
+	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
 
 // openRunner loads the config and makes a runner whose log goes to stderr
@@ -178,6 +180,9 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		}
 		l.Logf = func(format string, args ...any) { fmt.Fprintf(stderr, format+"\n", args...) }
 		r.Fetcher = &agent.HTTPFetcher{Client: l.HTTP}
+		if err := checkOffersWithTUF(r, l); err != nil {
+			return err
+		}
 		err = r.Daemon(ctx, l)
 		switch {
 		case errors.Is(err, agent.ErrReboot):
@@ -193,6 +198,36 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		return err
 	}
 	<-ctx.Done()
+	return nil
+}
+
+// checkOffersWithTUF makes the agent check every offer against the
+// server's signed TUF targets when the bundle carries a trusted root: the
+// image's length, SHA-256 and custom fields then come from there.
+func checkOffersWithTUF(r *agent.Runner, l *link.Link) error {
+	root, err := l.Bundle.TUFRoot()
+	if err != nil {
+		return cli.Failed(err)
+	}
+	if root == nil {
+		return nil
+	}
+	tc := &tufclient.Client{Dir: filepath.Join(r.StateDir, "tuf"), FactoryRoot: root, HTTP: l.HTTP, BaseURL: l.URL(proto.PathTUF),
+		Now: func() time.Time {
+			// Trusted time: never before the device certificate was issued.
+			now := time.Now()
+			if c, err := l.Certificate(); err == nil && c.NotBefore.After(now) {
+				return c.NotBefore
+			}
+			return now
+		}}
+	r.CheckOffer = func(ctx context.Context, o *proto.Offer) (*agent.Offer, error) {
+		t, c, err := tc.Target(ctx, o.Target.Name)
+		if err != nil {
+			return nil, err
+		}
+		return agent.OfferFromTarget(t.Length, tufclient.SHA256(t), c), nil
+	}
 	return nil
 }
 

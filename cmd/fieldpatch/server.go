@@ -214,6 +214,16 @@ func connect(fs *flag.FlagSet, conn func() (*remote, error), args []string, n in
 	return r, pos, err
 }
 
+// doRaw is do for a body that is not JSON to decode: it is copied to out.
+func (r *remote) doRaw(ctx context.Context, method, path string, body io.Reader, out io.Writer) error {
+	var raw json.RawMessage
+	if err := r.do(ctx, method, path, body, &raw); err != nil {
+		return err
+	}
+	_, err := out.Write(raw)
+	return err
+}
+
 func (r *remote) do(ctx context.Context, method, path string, body io.Reader, out any) error {
 	req, err := http.NewRequestWithContext(ctx, method, r.base+path, body)
 	if err != nil {
@@ -513,6 +523,13 @@ The agent's config points at the bundle ("link": {"bundle": DIR}).`)
 		{"device.pem", []byte(resp.CertPEM), 0o644},
 		{"ca.pem", []byte(resp.CAPEM), 0o644},
 		{"bundle.json", manifest, 0o644},
+	}
+	if len(resp.TUFRoot) > 0 {
+		files = append(files, struct {
+			name string
+			data []byte
+			mode os.FileMode
+		}{"root.json", resp.TUFRoot, 0o644})
 	}
 	for i, k := range resp.ImageKeysPEM {
 		files = append(files, struct {

@@ -52,6 +52,7 @@ var sides = map[string]Side{
 	"internal/testenv":     Shared,
 	"internal/deps":        Shared,
 	"bench":                Wiring,
+	"internal/attacks":     Wiring,
 }
 
 // allowed says which sides a side may import.
@@ -63,7 +64,24 @@ var allowed = map[Side][]Side{
 }
 
 // AgentModules are the third-party modules the agent binary may link.
-var AgentModules = []string{}
+// go-tuf v2 (TUF metadata and its client workflow) and what it links: its
+// canonical JSON and signature code, and sigstore's signature package with
+// the protobuf definitions that package carries. The x/ modules are Go's
+// own.
+var AgentModules = []string{
+	"github.com/theupdateframework/go-tuf/v2",
+	"github.com/secure-systems-lab/go-securesystemslib",
+	"github.com/sigstore/sigstore",
+	"github.com/sigstore/protobuf-specs",
+	"github.com/google/go-containerregistry",
+	"github.com/opencontainers/go-digest",
+	"github.com/cenkalti/backoff/v5",
+	"google.golang.org/protobuf",
+	"google.golang.org/genproto/googleapis/api",
+	"golang.org/x/crypto",
+	"golang.org/x/sys",
+	"golang.org/x/term",
+}
 
 // SideOf classifies an import path. Test variants as `go list -test` names
 // them ("p [p.test]", "p_test") belong to their package's side.

@@ -165,6 +165,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		st.Close()
 		return nil, fmt.Errorf("TUF repository: %w", err)
 	}
+	st.Offerable = func(r *store.Release) bool { return tuf.Offerable(r.HWClass, r.Version, r.Length, r.SHA256) }
 	blobs := &blob.Store{Dir: filepath.Join(c.DataDir, "blobs")}
 	reg := metrics.New()
 	reg.Counter("fieldpatch_http_requests_total", "HTTP requests by API and status code.", "api", "code")

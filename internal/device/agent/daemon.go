@@ -134,6 +134,24 @@ func (r *Runner) poll(ctx context.Context, srv Server) (time.Duration, error) {
 		}
 		offer := &Offer{Version: o.Target.Custom.Version, SecurityCounter: o.Target.Custom.SecurityCounter, HasCounter: true,
 			HWClass: o.Target.Custom.HWClass, Size: o.Target.Length, Downgrade: o.Target.Custom.Downgrade, KeyEpoch: o.Target.Custom.KeyEpoch}
+		if r.CheckOffer != nil {
+			vouched, err := r.CheckOffer(ctx, o)
+			var sec interface{ Security() bool }
+			switch {
+			case errors.As(err, &sec) && sec.Security():
+				// The server offered what signed metadata does not vouch for:
+				// refused for good, and the server is told why.
+				r.log().Error("offer refused", "update", o.UpdateID, "err", err)
+				if rerr := srv.Report(ctx, proto.Report{ReportID: o.UpdateID + "-refused", UpdateID: o.UpdateID, Status: proto.StatusFailed,
+					Reason: truncate("refused before download: "+err.Error(), proto.MaxReasonBytes)}); rerr != nil {
+					return wait, rerr
+				}
+				return wait, nil
+			case err != nil:
+				return wait, fmt.Errorf("checking the offer: %w", err)
+			}
+			offer = vouched
+		}
 		r.log().Info("update offered", "update", o.UpdateID, "version", offer.Version)
 		if _, err := r.InstallAs(ctx, o.UpdateID, srv.URL(o.URL), offer); err != nil {
 			return wait, err
@@ -141,6 +159,13 @@ func (r *Runner) poll(ctx context.Context, srv Server) (time.Duration, error) {
 		return time.Second, nil // check in again soon: the outcome may need reporting
 	}
 	return wait, nil
+}
+
+// OfferFromTarget is the offer signed metadata vouches for: length,
+// SHA-256 and custom fields of a TUF target.
+func OfferFromTarget(length int64, sha256 string, c *proto.TargetCustom) *Offer {
+	return &Offer{Version: c.Version, SecurityCounter: c.SecurityCounter, HasCounter: true, HWClass: c.HWClass,
+		Size: length, Downgrade: c.Downgrade, KeyEpoch: c.KeyEpoch, SHA256: sha256}
 }
 
 // finalReport makes the report of an outcome; its ID is fixed per update,

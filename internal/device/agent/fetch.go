@@ -70,7 +70,7 @@ func writeProgress(path string, p fetchProgress) error {
 }
 
 // Fetch downloads url into dst, resuming a previous attempt at the same URL.
-func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, progress func(done, total int64)) error {
+func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, progress func(done, total int64)) error {
 	every := f.CheckpointEvery
 	if every <= 0 {
 		every = 4 << 20
@@ -78,6 +78,9 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, progress func(
 	maxSize := f.MaxSize
 	if maxSize <= 0 {
 		maxSize = 4 << 30
+	}
+	if limit > 0 {
+		maxSize = min(maxSize, limit)
 	}
 	progPath := dst + ".progress"
 	p := readProgress(progPath)

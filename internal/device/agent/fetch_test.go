@@ -41,11 +41,11 @@ func TestFetchResumes(t *testing.T) {
 	defer srv.Close()
 	dst := filepath.Join(t.TempDir(), "staging.img")
 	f := &HTTPFetcher{CheckpointEvery: 256 << 10}
-	err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil)
+	err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil)
 	if err == nil || !strings.Contains(err.Error(), "interrupted") {
 		t.Fatalf("first fetch: %v", err)
 	}
-	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil); err != nil {
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil); err != nil {
 		t.Fatal(err)
 	}
 	got, _ := os.ReadFile(dst)
@@ -56,11 +56,11 @@ func TestFetchResumes(t *testing.T) {
 		t.Fatalf("second request's range %q: the download did not resume", ranges)
 	}
 	// Done: a third fetch of the same URL does nothing.
-	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, nil); err != nil || calls.Load() != 2 {
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil); err != nil || calls.Load() != 2 {
 		t.Fatalf("fetch after completion: %v, %d calls", err, calls.Load())
 	}
 	// A server that refuses: a clear error naming the status.
-	if err := f.Fetch(context.Background(), srv.URL+"/missing", filepath.Join(t.TempDir(), "x"), nil); err == nil || !strings.Contains(err.Error(), "404") {
+	if err := f.Fetch(context.Background(), srv.URL+"/missing", filepath.Join(t.TempDir(), "x"), 0, nil); err == nil || !strings.Contains(err.Error(), "404") {
 		t.Errorf("missing file: %v", err)
 	}
 }
@@ -74,8 +74,13 @@ func TestFetchRefusesEndlessData(t *testing.T) {
 	}))
 	defer srv.Close()
 	f := &HTTPFetcher{MaxSize: 1 << 20}
-	err := f.Fetch(context.Background(), srv.URL, filepath.Join(t.TempDir(), "x"), nil)
+	err := f.Fetch(context.Background(), srv.URL, filepath.Join(t.TempDir(), "x"), 0, nil)
 	if err == nil || !strings.Contains(err.Error(), "allowed") {
 		t.Fatalf("endless download: %v", err)
+	}
+	// The length signed metadata gives is a limit too.
+	err = (&HTTPFetcher{}).Fetch(context.Background(), srv.URL, filepath.Join(t.TempDir(), "y"), 100<<10, nil)
+	if err == nil || !strings.Contains(err.Error(), "102400 bytes allowed") {
+		t.Fatalf("download past the signed length: %v", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -63,7 +64,9 @@ func (h HookEnv) Vars() []string {
 // Fetcher downloads an update into a file, resuming what a previous
 // attempt left.
 type Fetcher interface {
-	Fetch(ctx context.Context, url, dst string, progress func(done, total int64)) error
+	// Fetch downloads url into dst, resuming; limit > 0 refuses more
+	// bytes than that.
+	Fetch(ctx context.Context, url, dst string, limit int64, progress func(done, total int64)) error
 }
 
 // Reporter tells someone the outcome of an update.
@@ -123,6 +126,12 @@ type Runner struct {
 	// Health, if set, gives the device's health counters for a check-in
 	// (nil when there are none to give).
 	Health func() *proto.Health
+	// CheckOffer, if set, vouches for a server's offer before anything is
+	// downloaded: it returns what signed metadata says the image is (the
+	// agent installs only that), or an error. An error whose Security()
+	// is true refuses the offer for good (it is reported as failed);
+	// others are tried again at the next check-in.
+	CheckOffer func(ctx context.Context, o *proto.Offer) (*Offer, error)
 }
 
 func (r *Runner) journalPath() string { return filepath.Join(r.StateDir, "journal.json") }
@@ -334,7 +343,11 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 		if r.Fetcher == nil {
 			return failed(errors.New("downloads are not configured on this device"), false), nil
 		}
-		err := r.Fetcher.Fetch(ctx, u.Source, r.stagingPath(), r.progress("downloading"))
+		var limit int64
+		if u.Offer != nil && u.Offer.SHA256 != "" {
+			limit = u.Offer.Size // signed metadata says how long it is: no byte more
+		}
+		err := r.Fetcher.Fetch(ctx, u.Source, r.stagingPath(), limit, r.progress("downloading"))
 		if stop(err) {
 			return Event{}, err
 		}
@@ -344,7 +357,7 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 		return Event{Kind: EvDownloaded, Staged: r.stagingPath()}, nil
 
 	case FxVerify:
-		info, err := r.verifyFile(ctx, u.Staged)
+		info, err := r.verifyFile(ctx, u.Staged, u.Offer)
 		if stop(err) {
 			return Event{}, err
 		}
@@ -499,7 +512,7 @@ func infoOf(img *image.Image) *ImageInfo {
 	return &ImageInfo{Version: img.Version().String(), SecurityCounter: img.SecurityCounter, HWClass: img.HWClass, Len: img.Len}
 }
 
-func (r *Runner) verifyFile(ctx context.Context, path string) (*ImageInfo, error) {
+func (r *Runner) verifyFile(ctx context.Context, path string, o *Offer) (*ImageInfo, error) {
 	keys, err := r.trustedKeys()
 	if err != nil {
 		return nil, err
@@ -509,12 +522,38 @@ func (r *Runner) verifyFile(ctx context.Context, path string) (*ImageInfo, error
 		return nil, err
 	}
 	defer f.Close()
-	img, _, err := image.ReadVerify(ctx, f, keys, image.ReadOptions{Trailer: image.TrailerMCUboot})
+	h := sha256.New()
+	n := &countWriter{}
+	src := io.TeeReader(f, io.MultiWriter(h, n))
+	img, _, err := image.ReadVerify(ctx, src, keys, image.ReadOptions{Trailer: image.TrailerMCUboot})
 	if err != nil {
 		return nil, err
 	}
+	if o != nil && o.SHA256 != "" {
+		if _, err := io.Copy(io.Discard, src); err != nil {
+			return nil, err
+		}
+		if got := hex.EncodeToString(h.Sum(nil)); got != o.SHA256 || n.n != o.Size {
+			return nil, &TargetMismatchError{WantSHA256: o.SHA256, GotSHA256: got, WantLen: o.Size, GotLen: n.n}
+		}
+	}
 	return infoOf(img), nil
 }
+
+// TargetMismatchError is a download that is not what signed metadata
+// described: another length or SHA-256. A security failure.
+type TargetMismatchError struct {
+	WantSHA256, GotSHA256 string
+	WantLen, GotLen       int64
+}
+
+func (e *TargetMismatchError) Error() string {
+	return fmt.Sprintf("refused: the download (%d bytes, SHA-256 %s) is not the signed target (%d bytes, SHA-256 %s)", e.GotLen, e.GotSHA256, e.WantLen, e.WantSHA256)
+}
+
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
 
 // install streams the staged image into the inactive slot, verifying it on
 // the way (one pass: the hash is computed from the bytes being written),

@@ -48,6 +48,9 @@ type Offer struct {
 	Downgrade bool `json:"downgrade,omitempty"`
 	// KeyEpoch, if above the device's, is raised at commit (key revocation).
 	KeyEpoch uint32 `json:"key_epoch,omitempty"`
+	// SHA256 (hex), when set, is what signed metadata says the download
+	// is: the staged file must hash to it and be Size bytes long.
+	SHA256 string `json:"sha256,omitempty"`
 }
 
 // ImageInfo is what verification read from the image's signed TLVs.

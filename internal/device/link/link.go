@@ -32,11 +32,24 @@ import (
 
 // Bundle is a device's provisioning bundle (written by
 // `fieldpatch device provision`): bundle.json, device.key.pem, device.pem,
-// ca.pem, image-keys/*.pub.pem.
+// ca.pem, image-keys/*.pub.pem, and root.json (the first trusted TUF root).
 type Bundle struct {
 	Server   string `json:"server"`
 	DeviceID string `json:"device_id"`
 	Dir      string `json:"-"`
+}
+
+// TUFRootFile is the bundle's first trusted TUF root (the factory root),
+// present when the server had a TUF repository at provisioning.
+const TUFRootFile = "root.json"
+
+// TUFRoot reads the bundle's factory TUF root; nil when it has none.
+func (b *Bundle) TUFRoot() ([]byte, error) {
+	data, err := os.ReadFile(filepath.Join(b.Dir, TUFRootFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	return data, err
 }
 
 // ImageKeyFiles lists the bundle's image-signing keys.
@@ -323,10 +336,21 @@ func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) e
 		}
 		if resp.Status == "enrolled" {
 			manifest, _ := json.MarshalIndent(Bundle{Server: c.Server, DeviceID: c.DeviceID}, "", "  ")
-			for _, f := range []struct {
+			files := []struct {
 				name string
 				data []byte
-			}{{"device.pem", []byte(resp.CertPEM)}, {"ca.pem", []byte(resp.CAPEM)}, {"bundle.json", manifest}} {
+			}{{"device.pem", []byte(resp.CertPEM)}, {"ca.pem", []byte(resp.CAPEM)}}
+			if len(resp.TUFRoot) > 0 {
+				files = append(files, struct {
+					name string
+					data []byte
+				}{TUFRootFile, resp.TUFRoot})
+			}
+			files = append(files, struct {
+				name string
+				data []byte
+			}{"bundle.json", manifest}) // last: its presence says the bundle is whole
+			for _, f := range files {
 				if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, 0o644); err != nil {
 					return err
 				}

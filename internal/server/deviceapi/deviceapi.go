@@ -190,12 +190,6 @@ func (a *API) checkIn(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	resp := proto.CheckInResponse{NextPollSeconds: a.jitter()}
 	a.Metrics.Add("fieldpatch_checkins_total", 1)
-	if up != nil && !a.published(rel) {
-		// Devices check every offer against the signed targets: one that
-		// is not there would only be refused.
-		a.Log.Warn("release not published in the TUF targets: not offered", "release", rel.ID, "device", id)
-		up = nil
-	}
 	if up != nil {
 		a.Metrics.Add("fieldpatch_offers_total", 1)
 		resp.Offer = &proto.Offer{
@@ -224,17 +218,6 @@ func (a *API) tufRoot() json.RawMessage {
 		return nil
 	}
 	return b
-}
-
-// published says whether a release may be offered: always before the TUF
-// repository has a root; afterwards only as a target whose length and
-// SHA-256 are the release's.
-func (a *API) published(rel *store.Release) bool {
-	if a.Repo == nil || !a.Repo.Initialized() {
-		return true
-	}
-	t, ok := a.Repo.Target(repo.TargetName(rel.HWClass, rel.Version))
-	return ok && t.Length == rel.Length && hex.EncodeToString(t.Hashes["sha256"]) == rel.SHA256
 }
 
 // tufFile serves the repository's metadata; a file that does not exist

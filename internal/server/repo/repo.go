@@ -26,6 +26,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -427,10 +428,22 @@ func (r *Repo) Target(path string) (*metadata.TargetFiles, bool) {
 	return t, ok
 }
 
+// Offerable says whether a release may be offered to devices: always
+// before the repository has a root (devices provisioned then check no
+// metadata); afterwards only as a target with the release's length and
+// SHA-256, since devices check every offer against the signed targets.
+func (r *Repo) Offerable(hwClass, version string, length int64, sha256Hex string) bool {
+	if !r.Initialized() {
+		return true
+	}
+	t, ok := r.Target(TargetName(hwClass, version))
+	return ok && t.Length == length && hex.EncodeToString(t.Hashes["sha256"]) == sha256Hex
+}
+
 // Status is what the repository holds.
 type Status struct {
 	Initialized bool                     `json:"initialized"`
-	OnlineKeys  map[string]string        `json:"online_keys"` // role -> key ID
+	OnlineKeys  map[string]*metadata.Key `json:"online_keys"` // role -> this server's key
 	Roles       map[string]RoleStatus    `json:"roles"`
 	Keys        map[string]*metadata.Key `json:"keys,omitempty"` // the root's keys, for the CLI
 	Targets     []string                 `json:"targets,omitempty"`
@@ -448,14 +461,12 @@ type RoleStatus struct {
 func (r *Repo) Status() (Status, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := Status{Initialized: r.root != nil, OnlineKeys: map[string]string{}, Roles: map[string]RoleStatus{}}
+	st := Status{Initialized: r.root != nil, Roles: map[string]RoleStatus{}}
 	online, err := r.OnlineKeys()
 	if err != nil {
 		return st, err
 	}
-	for role, k := range online {
-		st.OnlineKeys[role], _ = k.ID()
-	}
+	st.OnlineKeys = online
 	if r.root == nil {
 		return st, nil
 	}

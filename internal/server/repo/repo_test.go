@@ -202,7 +202,7 @@ func TestRefreshAtHalfLife(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st2, _ := r2.Status(); st2.Roles[metadata.TIMESTAMP].Version != 2 || st2.OnlineKeys[metadata.SNAPSHOT] != st.OnlineKeys[metadata.SNAPSHOT] {
+	if st2, _ := r2.Status(); st2.Roles[metadata.TIMESTAMP].Version != 2 || st2.OnlineKeys[metadata.SNAPSHOT].Value.PublicKey != st.OnlineKeys[metadata.SNAPSHOT].Value.PublicKey {
 		t.Fatalf("reopened: %+v", st2)
 	}
 }

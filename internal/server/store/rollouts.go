@@ -552,7 +552,7 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 			return &Update{ID: u.id, DeviceID: deviceID, RolloutID: u.rollout, ReleaseID: u.release, Status: u.status}, &rel, r.Spec.Downgrade, nil
 		}
 		if st.version == lr.rel.Version || !r.Live(now) || !r.Spec.InPhase(r.Phase, deviceID) ||
-			!r.Spec.Schedule.WindowOpen(st.timeZone, now, s.zones.Get) {
+			!r.Spec.Schedule.WindowOpen(st.timeZone, now, s.zones.Get) || s.Offerable != nil && !s.Offerable(&lr.rel) {
 			return nil, nil, false, nil
 		}
 		return s.start(ctx, lr, deviceID, newID, now)

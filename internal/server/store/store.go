@@ -50,6 +50,11 @@ type Store struct {
 	cache    map[string]devState
 	seen     map[string]seenState // guarded by cacheMu
 
+	// Offerable, if set, says whether a release may be started on devices
+	// (the server allows only releases published in its TUF targets once
+	// the repository has a root). Attempts already started go on.
+	Offerable func(*Release) bool
+
 	// LastSeenResolution: a check-in that repeats what the device last
 	// reported, less than this after its last stored check-in, is not
 	// written (last_seen is that coarse); 0 writes every check-in.

@@ -1,0 +1,461 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/theupdateframework/go-tuf/v2/metadata"
+
+	"github.com/fieldpatch/fieldpatch/internal/cli"
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/repo"
+	"github.com/fieldpatch/fieldpatch/internal/server/store"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
+)
+
+// The offline keys live in one directory (--keys): root-N.pem and
+// targets-N.pem with their .pub.pem, mode 0600; keys rotated out move to
+// retired/. Which role a key signs for is read from the current root, by
+// key ID, so the file names are only for people.
+
+type offlineKeys struct {
+	dir  string
+	keys map[string]crypto.Signer // key ID -> private key
+}
+
+func keysFlag(fs *flag.FlagSet) *string {
+	return fs.String("keys", envOr("FIELDPATCH_KEYS", "fieldpatch-keys"), "directory of the offline TUF keys (root-*.pem, targets-*.pem); keep it off the server")
+}
+
+func loadOfflineKeys(dir string) (*offlineKeys, error) {
+	files, _ := filepath.Glob(filepath.Join(dir, "*.pem"))
+	k := &offlineKeys{dir: dir, keys: map[string]crypto.Signer{}}
+	for _, f := range files {
+		if strings.HasSuffix(f, ".pub.pem") {
+			continue
+		}
+		s, err := trust.LoadPrivateKey(f)
+		if err != nil {
+			return nil, cli.Failed(err)
+		}
+		id, err := repo.KeyID(s.Public())
+		if err != nil {
+			return nil, cli.Failed(err)
+		}
+		k.keys[id] = s
+	}
+	return k, nil
+}
+
+// forRole returns the keys held here that the root names for role.
+func (k *offlineKeys) forRole(root *metadata.Metadata[metadata.RootType], role string) []crypto.Signer {
+	var out []crypto.Signer
+	for _, id := range root.Signed.Roles[role].KeyIDs {
+		if s, ok := k.keys[id]; ok {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// generate makes n new keys named prefix-N.pem (N after the highest in
+// use, retired ones included).
+func (k *offlineKeys) generate(prefix string, n int) ([]crypto.Signer, []crypto.PublicKey, error) {
+	if err := os.MkdirAll(k.dir, 0o700); err != nil {
+		return nil, nil, cli.Failed(err)
+	}
+	next := 1
+	for {
+		a, _ := filepath.Glob(filepath.Join(k.dir, fmt.Sprintf("%s-%d.pem", prefix, next)))
+		b, _ := filepath.Glob(filepath.Join(k.dir, "retired", fmt.Sprintf("%s-%d.pem", prefix, next)))
+		if len(a)+len(b) == 0 {
+			break
+		}
+		next++
+	}
+	var signers []crypto.Signer
+	var pubs []crypto.PublicKey
+	for i := range n {
+		s, err := trust.GenerateKey(trust.KeyEd25519)
+		if err != nil {
+			return nil, nil, cli.Failed(err)
+		}
+		if _, _, err := trust.WriteKeyPair(filepath.Join(k.dir, fmt.Sprintf("%s-%d", prefix, next+i)), s); err != nil {
+			return nil, nil, cli.Failed(err)
+		}
+		id, _ := repo.KeyID(s.Public())
+		k.keys[id] = s
+		signers, pubs = append(signers, s), append(pubs, s.Public())
+	}
+	return signers, pubs, nil
+}
+
+// retire moves the key files of keys no role of root names any more.
+func (k *offlineKeys) retire(root *metadata.Metadata[metadata.RootType]) ([]string, error) {
+	used := map[string]bool{}
+	for _, r := range root.Signed.Roles {
+		for _, id := range r.KeyIDs {
+			used[id] = true
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(k.dir, "*.pem"))
+	var moved []string
+	for _, f := range files {
+		if strings.HasSuffix(f, ".pub.pem") {
+			continue
+		}
+		s, err := trust.LoadPrivateKey(f)
+		if err != nil {
+			continue
+		}
+		id, _ := repo.KeyID(s.Public())
+		if used[id] {
+			continue
+		}
+		if err := os.MkdirAll(filepath.Join(k.dir, "retired"), 0o700); err != nil {
+			return moved, err
+		}
+		base := strings.TrimSuffix(filepath.Base(f), ".pem")
+		for _, ext := range []string{".pem", ".pub.pem"} {
+			os.Rename(filepath.Join(k.dir, base+ext), filepath.Join(k.dir, "retired", base+ext))
+		}
+		delete(k.keys, id)
+		moved = append(moved, base)
+	}
+	return moved, nil
+}
+
+func pubsOf(ks []crypto.Signer) []crypto.PublicKey {
+	var out []crypto.PublicKey
+	for _, k := range ks {
+		out = append(out, k.Public())
+	}
+	return out
+}
+
+// tufRemote is the server's TUF side as the CLI uses it.
+type tufRemote struct{ r *remote }
+
+func (t tufRemote) status(ctx context.Context) (repo.Status, error) {
+	var st repo.Status
+	err := t.r.do(ctx, "GET", mgmtapi.PathTUF, nil, &st)
+	return st, err
+}
+
+func (t tufRemote) root(ctx context.Context) (*metadata.Metadata[metadata.RootType], error) {
+	var raw bytes.Buffer
+	if err := t.r.doRaw(ctx, "GET", mgmtapi.PathTUF+"/root", nil, &raw); err != nil {
+		return nil, err
+	}
+	return metadata.Root().FromBytes(raw.Bytes())
+}
+
+func (t tufRemote) targets(ctx context.Context) (*metadata.Metadata[metadata.TargetsType], error) {
+	var raw bytes.Buffer
+	if err := t.r.doRaw(ctx, "GET", mgmtapi.PathTUF+"/targets", nil, &raw); err != nil {
+		return nil, err
+	}
+	return metadata.Targets().FromBytes(raw.Bytes())
+}
+
+func (t tufRemote) put(ctx context.Context, role string, raw []byte) (int64, error) {
+	var p mgmtapi.Published
+	err := t.r.do(ctx, "PUT", mgmtapi.PathTUF+"/"+role, bytes.NewReader(raw), &p)
+	return p.Version, err
+}
+
+func runTrustInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust init", "[--keys DIR] [--root-keys N --root-threshold M] [--targets-keys N --targets-threshold M] [server flags]",
+		`Sets up the server's TUF repository: makes the offline root and targets keys
+in --keys (keep that directory off the server, on an offline machine or
+hardware you control), a first root naming them and the server's online
+snapshot and timestamp keys, and empty targets, and publishes both. Devices
+provisioned from now on carry this root and check every offer against the
+signed targets; "fieldpatch trust publish" puts releases there.`)
+	kdir := keysFlag(fs)
+	rootN := fs.Int("root-keys", 3, "number of root keys")
+	rootT := fs.Int("root-threshold", 2, "root signatures required")
+	targN := fs.Int("targets-keys", 1, "number of targets keys")
+	targT := fs.Int("targets-threshold", 1, "targets signatures required")
+	rootExp := fs.Duration("root-expires", 365*24*time.Hour, "root validity")
+	targExp := fs.Duration("targets-expires", 90*24*time.Hour, "targets validity (re-sign before; publish does)")
+	conn := remoteFlags(fs)
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
+	if err != nil {
+		return err
+	}
+	if *rootT < 1 || *rootT > *rootN || *targT < 1 || *targT > *targN {
+		return cli.Usagef("each threshold must be at least 1 and at most the number of keys")
+	}
+	t := tufRemote{r}
+	st, err := t.status(ctx)
+	if err != nil {
+		return err
+	}
+	if st.Initialized {
+		return cli.Refused(errors.New("the server's TUF repository has a root already: rotate keys with trust rotate-root or rotate-targets"))
+	}
+	if existing, _ := filepath.Glob(filepath.Join(*kdir, "*.pem")); len(existing) > 0 {
+		return cli.Refused(fmt.Errorf("%s holds keys already: give an empty --keys directory", *kdir))
+	}
+	k := &offlineKeys{dir: *kdir, keys: map[string]crypto.Signer{}}
+	rootKeys, rootPubs, err := k.generate("root", *rootN)
+	if err != nil {
+		return err
+	}
+	targKeys, targPubs, err := k.generate("targets", *targN)
+	if err != nil {
+		return err
+	}
+	root, err := repo.NewRoot(repo.RootKeys{Root: rootPubs, RootThreshold: *rootT, Targets: targPubs, TargetsThreshold: *targT, Online: st.OnlineKeys}, time.Now().Add(*rootExp))
+	if err != nil {
+		return cli.Failed(err)
+	}
+	raw, err := repo.Sign(root, rootKeys...)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	if _, err := t.put(ctx, metadata.ROOT, raw); err != nil {
+		return err
+	}
+	targets := metadata.Targets(time.Now().Add(*targExp).UTC().Round(time.Second))
+	if raw, err = repo.Sign(targets, targKeys...); err != nil {
+		return cli.Failed(err)
+	}
+	if _, err := t.put(ctx, metadata.TARGETS, raw); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "TUF repository set up: root v1 (%d of %d root keys), targets v1 (%d of %d targets keys); offline keys in %s\n",
+		*rootT, *rootN, *targT, *targN, *kdir)
+	return nil
+}
+
+func runTrustStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust status", "[--json] [server flags]",
+		"Shows the TUF repository: each role's version, expiry, keys and threshold, and the targets.")
+	asJSON := fs.Bool("json", false, "print JSON")
+	conn := remoteFlags(fs)
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
+	if err != nil {
+		return err
+	}
+	st, err := tufRemote{r}.status(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return cli.WriteJSON(stdout, st)
+	}
+	if !st.Initialized {
+		fmt.Fprintln(stdout, "no root yet: run fieldpatch trust init")
+		return nil
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ROLE\tVERSION\tEXPIRES\tTHRESHOLD\tKEYS")
+	for _, role := range metadata.TOP_LEVEL_ROLE_NAMES {
+		rs := st.Roles[role]
+		var ids []string
+		for _, id := range rs.KeyIDs {
+			ids = append(ids, id[:12])
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d of %d\t%s\n", role, rs.Version, rs.Expires.UTC().Format(time.RFC3339), rs.Threshold, len(rs.KeyIDs), strings.Join(ids, " "))
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "targets: %d (%s)\n", len(st.Targets), strings.Join(st.Targets, ", "))
+	return nil
+}
+
+func runTrustPublish(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust publish", "RELEASE [--downgrade] [--keys DIR] [server flags]",
+		`Signs a release into the TUF targets with the offline targets keys: its
+length, SHA-256 and custom fields (hardware class, version, security counter,
+format, key epoch, downgrade mark), as the server holds it. Once the server
+has a TUF root, only published releases are offered to devices.`)
+	kdir := keysFlag(fs)
+	down := fs.Bool("downgrade", false, "mark it a deliberate downgrade (devices then accept a lower version)")
+	targExp := fs.Duration("targets-expires", 90*24*time.Hour, "validity of the new targets metadata")
+	conn := remoteFlags(fs)
+	r, pos, err := connect(fs, conn, args, 1, "want one release ID")
+	if err != nil {
+		return err
+	}
+	var rels []store.Release
+	if err := r.do(ctx, "GET", mgmtapi.PathReleases, nil, &rels); err != nil {
+		return err
+	}
+	var rel *store.Release
+	for i := range rels {
+		if rels[i].ID == pos[0] {
+			rel = &rels[i]
+		}
+	}
+	if rel == nil {
+		return cli.Refused(fmt.Errorf("release %s: not found", pos[0]))
+	}
+	t := tufRemote{r}
+	root, err := t.root(ctx)
+	if err != nil {
+		return err
+	}
+	k, err := loadOfflineKeys(*kdir)
+	if err != nil {
+		return err
+	}
+	signers := k.forRole(root, metadata.TARGETS)
+	if len(signers) < root.Signed.Roles[metadata.TARGETS].Threshold {
+		return cli.Refused(fmt.Errorf("%s holds %d of the %d targets keys needed", *kdir, len(signers), root.Signed.Roles[metadata.TARGETS].Threshold))
+	}
+	targets, err := t.targets(ctx)
+	if err != nil {
+		return err
+	}
+	sum, err := hex.DecodeString(rel.SHA256)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	name, err := repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
+		SecurityCounter: rel.SecurityCounter, KeyEpoch: rel.KeyEpoch, Downgrade: *down})
+	if err != nil {
+		return cli.Failed(err)
+	}
+	repo.Bump(targets, time.Now().Add(*targExp))
+	raw, err := repo.Sign(targets, signers...)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	v, err := t.put(ctx, metadata.TARGETS, raw)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "published %s as %s in targets v%d\n", rel.ID, name, v)
+	return nil
+}
+
+func runTrustRotate(role string) func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+		fs := cli.NewFlags(stdout, "fieldpatch", "trust rotate-"+role, "[--keys N --threshold M] [--keys-dir DIR] [server flags]", map[string]string{
+			metadata.ROOT: `Replaces the root keys: makes new ones, publishes the next root naming them,
+signed by a threshold of the current root keys and of the new ones, and
+retires the old key files. Devices walk from their root to this one on
+their next check-in.`,
+			metadata.TARGETS: `Replaces the targets keys (after a leak, or on schedule): makes new ones,
+publishes the next root naming them (signed by the root keys), then re-signs
+the current targets with the new keys, and retires the old key files. From
+then on devices refuse targets metadata signed by the old keys.`,
+		}[role])
+		kdir := fs.String("keys-dir", envOr("FIELDPATCH_KEYS", "fieldpatch-keys"), "directory of the offline TUF keys")
+		n := fs.Int("keys", 0, "number of new keys (default: as many as now)")
+		thr := fs.Int("threshold", 0, "signatures required (default: as now)")
+		exp := fs.Duration("expires", 0, "validity of the new metadata (default 1 year for root, 90 days for targets)")
+		conn := remoteFlags(fs)
+		r, _, err := connect(fs, conn, args, 0, "takes no arguments")
+		if err != nil {
+			return err
+		}
+		t := tufRemote{r}
+		st, err := t.status(ctx)
+		if err != nil {
+			return err
+		}
+		root, err := t.root(ctx)
+		if err != nil {
+			return err
+		}
+		k, err := loadOfflineKeys(*kdir)
+		if err != nil {
+			return err
+		}
+		oldRootKeys := k.forRole(root, metadata.ROOT)
+		if len(oldRootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
+			return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(oldRootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+		}
+		cur := root.Signed.Roles[role]
+		if *n == 0 {
+			*n = len(cur.KeyIDs)
+		}
+		if *thr == 0 {
+			*thr = cur.Threshold
+		}
+		if *thr < 1 || *thr > *n {
+			return cli.Usagef("the threshold must be at least 1 and at most the number of keys")
+		}
+		newKeys, newPubs, err := k.generate(role, *n)
+		if err != nil {
+			return err
+		}
+		rk := repo.RootKeys{Root: pubsOf(oldRootKeys), RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
+			Targets: pubsOf(k.forRole(root, metadata.TARGETS)), TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: st.OnlineKeys}
+		signers := oldRootKeys
+		switch role {
+		case metadata.ROOT:
+			rk.Root, rk.RootThreshold = newPubs, *thr
+			signers = append(signers, newKeys...)
+			if *exp == 0 {
+				*exp = 365 * 24 * time.Hour
+			}
+		case metadata.TARGETS:
+			rk.Targets, rk.TargetsThreshold = newPubs, *thr
+		}
+		if len(rk.Targets) == 0 {
+			return cli.Refused(fmt.Errorf("%s holds none of the current targets keys; rotate-targets makes new ones", *kdir))
+		}
+		rootExp := 365 * 24 * time.Hour
+		if role == metadata.ROOT {
+			rootExp = *exp
+		}
+		repo.Bump(root, time.Now().Add(rootExp))
+		if err := repo.Rekey(root, rk); err != nil {
+			return cli.Failed(err)
+		}
+		raw, err := repo.Sign(root, signers...)
+		if err != nil {
+			return cli.Failed(err)
+		}
+		v, err := t.put(ctx, metadata.ROOT, raw)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "published root v%d with %d new %s keys (%d of %d)\n", v, *n, role, *thr, *n)
+		if role == metadata.TARGETS {
+			targets, err := t.targets(ctx)
+			if err != nil {
+				return err
+			}
+			if *exp == 0 {
+				*exp = 90 * 24 * time.Hour
+			}
+			repo.Bump(targets, time.Now().Add(*exp))
+			raw, err := repo.Sign(targets, newKeys...)
+			if err != nil {
+				return cli.Failed(err)
+			}
+			tv, err := t.put(ctx, metadata.TARGETS, raw)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "re-signed targets v%d with the new keys\n", tv)
+		}
+		moved, err := k.retire(root)
+		if err != nil {
+			return cli.Failed(err)
+		}
+		sort.Strings(moved)
+		if len(moved) > 0 {
+			fmt.Fprintf(stdout, "retired key files: %s (in %s)\n", strings.Join(moved, ", "), filepath.Join(*kdir, "retired"))
+		}
+		return nil
+	}
+}
