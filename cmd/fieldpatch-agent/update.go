@@ -213,21 +213,13 @@ func checkOffersWithTUF(r *agent.Runner, l *link.Link) error {
 		return nil
 	}
 	tc := &tufclient.Client{Dir: filepath.Join(r.StateDir, "tuf"), FactoryRoot: root, HTTP: l.HTTP, BaseURL: l.URL(proto.PathTUF),
-		Now: func() time.Time {
-			// Trusted time: never before the device certificate was issued.
-			now := time.Now()
-			if c, err := l.Certificate(); err == nil && c.NotBefore.After(now) {
-				return c.NotBefore
+		Now: tufclient.TrustedTime(time.Now, func() time.Time {
+			if c, err := l.Certificate(); err == nil {
+				return c.NotBefore // the device certificate's issue time has passed
 			}
-			return now
-		}}
-	r.CheckOffer = func(ctx context.Context, o *proto.Offer) (*agent.Offer, error) {
-		t, c, err := tc.Target(ctx, o.Target.Name)
-		if err != nil {
-			return nil, err
-		}
-		return agent.OfferFromTarget(t.Length, tufclient.SHA256(t), c), nil
-	}
+			return time.Time{}
+		})}
+	r.CheckOffer = tc.CheckOffer
 	return nil
 }
 

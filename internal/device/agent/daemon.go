@@ -136,6 +136,9 @@ func (r *Runner) poll(ctx context.Context, srv Server) (time.Duration, error) {
 			HWClass: o.Target.Custom.HWClass, Size: o.Target.Length, Downgrade: o.Target.Custom.Downgrade, KeyEpoch: o.Target.Custom.KeyEpoch}
 		if r.CheckOffer != nil {
 			vouched, err := r.CheckOffer(ctx, o)
+			if err == nil {
+				err = Judge(*f, vouched) // refused here, the server hears why at once
+			}
 			var sec interface{ Security() bool }
 			switch {
 			case errors.As(err, &sec) && sec.Security():

@@ -69,6 +69,16 @@ func writeProgress(path string, p fetchProgress) error {
 	return nil
 }
 
+// TooLargeError is a download longer than allowed (endless data).
+type TooLargeError struct {
+	URL        string
+	Limit, Got int64
+}
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("download %s: %d bytes or more, more than the %d bytes allowed", e.URL, e.Got, e.Limit)
+}
+
 // Fetch downloads url into dst, resuming a previous attempt at the same URL.
 func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, progress func(done, total int64)) error {
 	every := f.CheckpointEvery
@@ -127,7 +137,7 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	if resp.ContentLength >= 0 {
 		total = p.Offset + resp.ContentLength
 		if total > maxSize {
-			return fmt.Errorf("download %s: %d bytes is more than the %d allowed", url, total, maxSize)
+			return &TooLargeError{URL: url, Limit: maxSize, Got: total}
 		}
 	}
 	buf := make([]byte, 256<<10)
@@ -136,7 +146,7 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
 			if p.Offset+int64(n) > maxSize {
-				return fmt.Errorf("download %s: more than the %d bytes allowed", url, maxSize)
+				return &TooLargeError{URL: url, Limit: maxSize, Got: p.Offset + int64(n)}
 			}
 			if _, err := out.WriteAt(buf[:n], p.Offset); err != nil {
 				return err

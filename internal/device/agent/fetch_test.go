@@ -80,7 +80,7 @@ func TestFetchRefusesEndlessData(t *testing.T) {
 	}
 	// The length signed metadata gives is a limit too.
 	err = (&HTTPFetcher{}).Fetch(context.Background(), srv.URL, filepath.Join(t.TempDir(), "y"), 100<<10, nil)
-	if err == nil || !strings.Contains(err.Error(), "102400 bytes allowed") {
+	if err == nil || !strings.Contains(err.Error(), "more than the 102400 bytes allowed") {
 		t.Fatalf("download past the signed length: %v", err)
 	}
 }

@@ -321,7 +321,14 @@ func stop(err error) bool {
 }
 
 func failed(err error, retryable bool) Event {
-	return Event{Kind: EvFailed, Err: err.Error(), Retryable: retryable, Security: image.IsSecurity(err)}
+	return Event{Kind: EvFailed, Err: err.Error(), Retryable: retryable, Security: isSecurity(err)}
+}
+
+// isSecurity says whether an error is an attack or forgery (never retried):
+// a bad image, or a download that is not the signed target.
+func isSecurity(err error) bool {
+	var tm *TargetMismatchError
+	return image.IsSecurity(err) || errors.As(err, &tm)
 }
 
 func (r *Runner) hookEnv(u *Update, hook string) HookEnv {
@@ -362,7 +369,7 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 			return Event{}, err
 		}
 		if err != nil {
-			return failed(err, !image.IsSecurity(err) && !isFormat(err)), nil
+			return failed(err, !isSecurity(err) && !isFormat(err)), nil
 		}
 		return Event{Kind: EvVerified, Image: info}, nil
 
@@ -377,7 +384,7 @@ func (r *Runner) effect(ctx context.Context, s State, f Effect) (Event, error) {
 			if stop(err) {
 				return Event{}, err
 			}
-			return failed(err, !image.IsSecurity(err) && !isFormat(err)), nil
+			return failed(err, !isSecurity(err) && !isFormat(err)), nil
 		}
 		if err := r.Hooks.Run(ctx, HookPostInstall, r.hookEnv(u, HookPostInstall)); err != nil {
 			if stop(err) {
@@ -512,6 +519,13 @@ func infoOf(img *image.Image) *ImageInfo {
 	return &ImageInfo{Version: img.Version().String(), SecurityCounter: img.SecurityCounter, HWClass: img.HWClass, Len: img.Len}
 }
 
+// VerifyStaged checks a downloaded image as the verifying phase does: its
+// signature by a trusted key and, when o carries them, the length and
+// SHA-256 signed metadata gave.
+func (r *Runner) VerifyStaged(ctx context.Context, path string, o *Offer) (*ImageInfo, error) {
+	return r.verifyFile(ctx, path, o)
+}
+
 func (r *Runner) verifyFile(ctx context.Context, path string, o *Offer) (*ImageInfo, error) {
 	keys, err := r.trustedKeys()
 	if err != nil {
@@ -525,17 +539,19 @@ func (r *Runner) verifyFile(ctx context.Context, path string, o *Offer) (*ImageI
 	h := sha256.New()
 	n := &countWriter{}
 	src := io.TeeReader(f, io.MultiWriter(h, n))
-	img, _, err := image.ReadVerify(ctx, src, keys, image.ReadOptions{Trailer: image.TrailerMCUboot})
-	if err != nil {
-		return nil, err
-	}
+	img, _, verr := image.ReadVerify(ctx, src, keys, image.ReadOptions{Trailer: image.TrailerMCUboot})
 	if o != nil && o.SHA256 != "" {
+		// What signed metadata says comes first: a download that is not
+		// the signed target is refused as such, whatever else is wrong.
 		if _, err := io.Copy(io.Discard, src); err != nil {
 			return nil, err
 		}
 		if got := hex.EncodeToString(h.Sum(nil)); got != o.SHA256 || n.n != o.Size {
 			return nil, &TargetMismatchError{WantSHA256: o.SHA256, GotSHA256: got, WantLen: o.Size, GotLen: n.n}
 		}
+	}
+	if verr != nil {
+		return nil, verr
 	}
 	return infoOf(img), nil
 }

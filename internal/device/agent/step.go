@@ -244,6 +244,25 @@ func begin(s State, e Event) (State, []Effect) {
 // than a local file.
 func IsURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") }
 
+// RefusedError is an offer the device refuses before anything is
+// downloaded: for another hardware class, below its security counter, or
+// older than what it runs without the downgrade mark.
+type RefusedError struct{ Reason string }
+
+func (e *RefusedError) Error() string { return "refused from the offer: " + e.Reason }
+
+// Security says it is refused for good (see Runner.CheckOffer).
+func (e *RefusedError) Security() bool { return true }
+
+// Judge checks an offer against the device, as the state machine does when
+// it takes the offer; it returns a *RefusedError, or nil.
+func Judge(f Facts, o *Offer) error {
+	if why := judge(f, o.Version, o.SecurityCounter, o.HasCounter, o.HWClass, o.Downgrade); why != "" {
+		return &RefusedError{Reason: why}
+	}
+	return nil
+}
+
 // judge says why an image (or offer) must not be installed on a device, or "".
 func judge(f Facts, version string, counter uint32, hasCounter bool, hw string, downgrade bool) string {
 	if f.HWClass != "" && hw != f.HWClass {

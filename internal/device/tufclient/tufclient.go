@@ -36,6 +36,7 @@ import (
 	"github.com/theupdateframework/go-tuf/v2/metadata/updater"
 
 	"github.com/fieldpatch/fieldpatch/internal/atomicfile"
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
 
@@ -334,5 +335,30 @@ func (c *Client) get(ctx context.Context, name string, maxLength int64, lim Limi
 	return buf, nil
 }
 
+// TrustedTime is the time policy (docs/SECURITY.md): the device's clock,
+// but never before floor, a time the device knows has passed (its
+// certificate's issue time, say). A device whose clock says 1970 still
+// judges expiry and TLS at a sane time.
+func TrustedTime(clock, floor func() time.Time) func() time.Time {
+	return func() time.Time {
+		now := clock()
+		if f := floor(); f.After(now) {
+			return f
+		}
+		return now
+	}
+}
+
 // SHA256 is a target's SHA-256 in hex.
 func SHA256(t *metadata.TargetFiles) string { return hex.EncodeToString(t.Hashes["sha256"]) }
+
+// CheckOffer is an agent.Runner's CheckOffer: the offer as the signed
+// targets describe the target it names (length, SHA-256, custom fields);
+// the server's own description is not used.
+func (c *Client) CheckOffer(ctx context.Context, o *proto.Offer) (*agent.Offer, error) {
+	t, cu, err := c.Target(ctx, o.Target.Name)
+	if err != nil {
+		return nil, err
+	}
+	return agent.OfferFromTarget(t.Length, SHA256(t), cu), nil
+}
