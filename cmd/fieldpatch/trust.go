@@ -138,6 +138,20 @@ func (k *offlineKeys) retire(root *metadata.Metadata[metadata.RootType]) ([]stri
 	return moved, nil
 }
 
+// rolePubs are the public keys a root names for a role (whoever holds
+// the private ones).
+func rolePubs(root *metadata.Metadata[metadata.RootType], role string) ([]crypto.PublicKey, error) {
+	var out []crypto.PublicKey
+	for _, id := range root.Signed.Roles[role].KeyIDs {
+		pub, err := root.Signed.Keys[id].ToPublicKey()
+		if err != nil {
+			return nil, cli.Failed(err)
+		}
+		out = append(out, pub)
+	}
+	return out, nil
+}
+
 func pubsOf(ks []crypto.Signer) []crypto.PublicKey {
 	var out []crypto.PublicKey
 	for _, k := range ks {
@@ -396,8 +410,16 @@ then on devices refuse targets metadata signed by the old keys.`,
 		if err != nil {
 			return err
 		}
-		rk := repo.RootKeys{Root: pubsOf(oldRootKeys), RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
-			Targets: pubsOf(k.forRole(root, metadata.TARGETS)), TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: st.OnlineKeys}
+		rootPubs, err := rolePubs(root, metadata.ROOT)
+		if err != nil {
+			return err
+		}
+		targetPubs, err := rolePubs(root, metadata.TARGETS)
+		if err != nil {
+			return err
+		}
+		rk := repo.RootKeys{Root: rootPubs, RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
+			Targets: targetPubs, TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: st.OnlineKeys}
 		signers := oldRootKeys
 		switch role {
 		case metadata.ROOT:
@@ -408,9 +430,6 @@ then on devices refuse targets metadata signed by the old keys.`,
 			}
 		case metadata.TARGETS:
 			rk.Targets, rk.TargetsThreshold = newPubs, *thr
-		}
-		if len(rk.Targets) == 0 {
-			return cli.Refused(fmt.Errorf("%s holds none of the current targets keys; rotate-targets makes new ones", *kdir))
 		}
 		rootExp := 365 * 24 * time.Hour
 		if role == metadata.ROOT {
@@ -458,4 +477,60 @@ then on devices refuse targets metadata signed by the old keys.`,
 		}
 		return nil
 	}
+}
+
+func runTrustRotateOnline(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust rotate-online", "[--keys DIR] [server flags]",
+		`Replaces the server's online keys (snapshot and timestamp), after a leak or
+on schedule: the server makes new ones, and the next root, signed here with
+the root keys, names them; from then on only they sign. Devices that were
+fed metadata signed with a stolen online key (a fast-forward attack) set it
+aside when they see the new root, and recover.`)
+	kdir := keysFlag(fs)
+	conn := remoteFlags(fs)
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
+	if err != nil {
+		return err
+	}
+	t := tufRemote{r}
+	root, err := t.root(ctx)
+	if err != nil {
+		return err
+	}
+	k, err := loadOfflineKeys(*kdir)
+	if err != nil {
+		return err
+	}
+	rootKeys := k.forRole(root, metadata.ROOT)
+	if len(rootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
+		return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(rootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+	}
+	var online map[string]*metadata.Key
+	if err := r.do(ctx, "POST", mgmtapi.PathTUF+"/online-keys", nil, &online); err != nil {
+		return err
+	}
+	rootPubs, err := rolePubs(root, metadata.ROOT)
+	if err != nil {
+		return err
+	}
+	targetPubs, err := rolePubs(root, metadata.TARGETS)
+	if err != nil {
+		return err
+	}
+	rk := repo.RootKeys{Root: rootPubs, RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
+		Targets: targetPubs, TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: online}
+	repo.Bump(root, time.Now().Add(365*24*time.Hour))
+	if err := repo.Rekey(root, rk); err != nil {
+		return cli.Failed(err)
+	}
+	raw, err := repo.Sign(root, rootKeys...)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	v, err := t.put(ctx, metadata.ROOT, raw)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "published root v%d naming the server's new online keys\n", v)
+	return nil
 }

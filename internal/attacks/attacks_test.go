@@ -296,6 +296,38 @@ func TestAttackRevokedTargetsKey(t *testing.T) {
 	refused[*metadata.ErrUnsignedMetadata](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
 }
 
+// Fast-forward: an attacker with the stolen timestamp key feeds a timestamp
+// whose version is inflated. The device cannot tell (it is validly
+// signed) and from then on refuses the real ones. The operator rotates the
+// online keys (trust rotate-online): the new root no longer trusts the
+// stolen key, the device sets the inflated timestamp aside and recovers.
+func TestAttackFastForward(t *testing.T) {
+	s := newScene(t)
+	s.legit(t)
+	ts := s.onlineTimestamp(t)
+	ts.Signed.Version = 1 << 40
+	s.d.mitm.set("timestamp.json", sign(t, ts, s.onlineKey(t, metadata.TIMESTAMP)))
+	s.legit(t) // validly signed: accepted
+	s.d.mitm.clear()
+	refused[*metadata.ErrBadVersionNumber](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
+	keys, err := s.w.srv.Repo.RotateOnline()
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := s.w.nextRoot()
+	repo.Rekey(root, repo.RootKeys{Root: pubs(s.w.rootKeys), RootThreshold: 2, Targets: pubs(s.w.targetsKeys), TargetsThreshold: 1, Online: keys})
+	s.w.mustPublish(metadata.ROOT, sign(t, root, s.w.rootKeys[:2]...))
+	s.legit(t)
+	b, _ := os.ReadFile(filepath.Join(s.d.r.StateDir, "tuf", "timestamp.json"))
+	cached, err := metadata.Timestamp().FromBytes(b)
+	if err != nil || cached.Signed.Version >= 1<<40 {
+		t.Fatalf("after recovery the device trusts timestamp v%d (%v)", cached.Signed.Version, err)
+	}
+	if v := s.d.rootVersion(); v != 2 {
+		t.Fatalf("root v%d", v)
+	}
+}
+
 // A device with its factory root walks several root rotations (each new
 // root signed by the previous root's keys and its own) and ends trusting
 // the newest.

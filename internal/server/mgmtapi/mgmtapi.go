@@ -103,6 +103,7 @@ func Routes() []Route {
 		{"GET", PathTUF + "/{role}", store.RoleViewer, func(a *API) http.HandlerFunc { return a.tufCurrent }},
 		{"PUT", PathTUF + "/root", store.RoleAdmin, func(a *API) http.HandlerFunc { return a.tufPutRoot }},
 		{"PUT", PathTUF + "/targets", store.RoleOperator, func(a *API) http.HandlerFunc { return a.tufPutTargets }},
+		{"POST", PathTUF + "/online-keys", store.RoleAdmin, func(a *API) http.HandlerFunc { return a.tufRotateOnline }},
 	}
 }
 

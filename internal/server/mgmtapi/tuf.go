@@ -114,3 +114,21 @@ func (a *API) tufPutTargets(w http.ResponseWriter, r *http.Request) {
 	a.Log.Info("published TUF targets", "version", v)
 	writeJSON(w, http.StatusOK, Published{Role: metadata.TARGETS, Version: v})
 }
+
+// tufRotateOnline makes new online keys (snapshot, timestamp) and returns
+// them; they take over once a root naming them is published.
+func (a *API) tufRotateOnline(w http.ResponseWriter, r *http.Request) {
+	if r.ContentLength > 0 {
+		var req struct{}
+		if !decode(w, r, &req) {
+			return
+		}
+	}
+	keys, err := a.Repo.RotateOnline()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	a.Log.Info("made new online TUF keys; they sign once a root names them")
+	writeJSON(w, http.StatusOK, keys)
+}

@@ -69,6 +69,7 @@ type Repo struct {
 
 	mu        sync.Mutex
 	online    map[string]crypto.Signer // snapshot, timestamp
+	next      map[string]crypto.Signer // new online keys waiting for a root that names them
 	root      *metadata.Metadata[metadata.RootType]
 	rootRaw   []byte
 	targets   *metadata.Metadata[metadata.TargetsType]
@@ -102,7 +103,64 @@ func Open(dir string) (*Repo, error) {
 		}
 		r.online[role] = k
 	}
+	r.next = map[string]crypto.Signer{}
+	for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
+		if k, err := trust.LoadPrivateKey(filepath.Join(dir, "keys", "next-"+role+".pem")); err == nil {
+			r.next[role] = k
+		}
+	}
 	return r, r.load()
+}
+
+// RotateOnline makes new snapshot and timestamp keys (once; asked again,
+// it returns the same) and returns their public keys. They sign nothing
+// until a root that names them is published; then they replace the old
+// ones. After a leak of an online key this is how devices recover, also
+// from a fast-forward attack (a timestamp or snapshot version inflated
+// with the stolen key): their cached metadata, signed by the old key, no
+// longer verifies under the new root and is set aside.
+func (r *Repo) RotateOnline() (map[string]*metadata.Key, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]*metadata.Key{}
+	for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
+		if r.next[role] == nil {
+			_, priv, err := ed25519.GenerateKey(rand.Reader)
+			if err != nil {
+				return nil, err
+			}
+			if _, _, err := trust.WriteKeyPair(filepath.Join(r.dir, "keys", "next-"+role), priv); err != nil {
+				return nil, err
+			}
+			r.next[role] = priv
+		}
+		k, err := metadata.KeyFromPublicKey(r.next[role].Public())
+		if err != nil {
+			return nil, err
+		}
+		out[role] = k
+	}
+	return out, nil
+}
+
+// promote makes the waiting online keys the current ones (their files
+// too: the old ones are kept as retired-*.pem). Called with mu held.
+func (r *Repo) promote() error {
+	for role, k := range r.next {
+		keys := filepath.Join(r.dir, "keys")
+		stamp := strconv.FormatInt(r.Now().Unix(), 10)
+		for _, ext := range []string{".pem", ".pub.pem"} {
+			if err := os.Rename(filepath.Join(keys, role+ext), filepath.Join(keys, "retired-"+stamp+"-"+role+ext)); err != nil {
+				return err
+			}
+			if err := os.Rename(filepath.Join(keys, "next-"+role+ext), filepath.Join(keys, role+ext)); err != nil {
+				return err
+			}
+		}
+		r.online[role] = k
+	}
+	r.next = map[string]crypto.Signer{}
+	return nil
 }
 
 func (r *Repo) metaDir() string { return filepath.Join(r.dir, "metadata") }
@@ -212,16 +270,26 @@ func (r *Repo) PublishRoot(data []byte) (int64, error) {
 	if !md.Signed.ConsistentSnapshot {
 		return 0, errors.New("root: consistent_snapshot must be true")
 	}
-	online, err := r.OnlineKeys()
-	if err != nil {
-		return 0, err
-	}
-	for role, key := range online {
-		id, _ := key.ID()
-		rl := md.Signed.Roles[role]
-		if rl == nil || rl.Threshold != 1 || len(rl.KeyIDs) != 1 || rl.KeyIDs[0] != id {
-			return 0, fmt.Errorf("root: role %s must have exactly this server's online key %s, threshold 1", role, id)
+	names := func(keys map[string]crypto.Signer) bool {
+		if len(keys) != 2 {
+			return false
 		}
+		for role, k := range keys {
+			id, err := KeyID(k.Public())
+			rl := md.Signed.Roles[role]
+			if err != nil || rl == nil || rl.Threshold != 1 || len(rl.KeyIDs) != 1 || rl.KeyIDs[0] != id {
+				return false
+			}
+		}
+		return true
+	}
+	promote := false
+	switch {
+	case names(r.online):
+	case names(r.next):
+		promote = true
+	default:
+		return 0, errors.New("root: the snapshot and timestamp roles must each have exactly this server's online key (or the new ones from a rotation), threshold 1")
 	}
 	if rl := md.Signed.Roles[metadata.TARGETS]; rl == nil || rl.Threshold < 1 || len(rl.KeyIDs) < rl.Threshold {
 		return 0, errors.New("root: the targets role needs at least threshold keys")
@@ -230,6 +298,11 @@ func (r *Repo) PublishRoot(data []byte) (int64, error) {
 		return 0, err
 	}
 	r.root, r.rootRaw = md, data
+	if promote {
+		if err := r.promote(); err != nil {
+			return 0, err
+		}
+	}
 	if r.targets != nil {
 		if err := r.publishOnline(now); err != nil {
 			return 0, err
