@@ -422,7 +422,7 @@ func TestOnlineTUF(t *testing.T) {
 	if json.Unmarshal(b, &cached); cached.Signed.Version != 1 {
 		t.Fatalf("cached root version %d", cached.Signed.Version)
 	}
-	if out := srv.run("trust", "rotate-targets", "--keys-dir", keys); !strings.Contains(out, "published root v2") || !strings.Contains(out, "re-signed targets v3") {
+	if out := srv.run("trust", "rotate-targets", "--keys", keys); !strings.Contains(out, "published root v2") || !strings.Contains(out, "re-signed targets v3") {
 		t.Fatalf("rotate-targets: %s", out)
 	}
 	st := srv.run("trust", "status")

@@ -360,7 +360,7 @@ has a TUF root, only published releases are offered to devices.`)
 
 func runTrustRotate(role string) func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return func(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-		fs := cli.NewFlags(stdout, "fieldpatch", "trust rotate-"+role, "[--keys N --threshold M] [--keys-dir DIR] [server flags]", map[string]string{
+		fs := cli.NewFlags(stdout, "fieldpatch", "trust rotate-"+role, "[--count N --threshold M] [--keys DIR] [server flags]", map[string]string{
 			metadata.ROOT: `Replaces the root keys: makes new ones, publishes the next root naming them,
 signed by a threshold of the current root keys and of the new ones, and
 retires the old key files. Devices walk from their root to this one on
@@ -370,8 +370,8 @@ publishes the next root naming them (signed by the root keys), then re-signs
 the current targets with the new keys, and retires the old key files. From
 then on devices refuse targets metadata signed by the old keys.`,
 		}[role])
-		kdir := fs.String("keys-dir", envOr("FIELDPATCH_KEYS", "fieldpatch-keys"), "directory of the offline TUF keys")
-		n := fs.Int("keys", 0, "number of new keys (default: as many as now)")
+		kdir := keysFlag(fs)
+		n := fs.Int("count", 0, "number of new keys (default: as many as now)")
 		thr := fs.Int("threshold", 0, "signatures required (default: as now)")
 		exp := fs.Duration("expires", 0, "validity of the new metadata (default 1 year for root, 90 days for targets)")
 		conn := remoteFlags(fs)
