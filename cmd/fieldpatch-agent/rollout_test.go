@@ -425,14 +425,27 @@ func TestOnlineTUF(t *testing.T) {
 	if out := srv.run("trust", "rotate-targets", "--keys", keys); !strings.Contains(out, "published root v2") || !strings.Contains(out, "re-signed targets v3") {
 		t.Fatalf("rotate-targets: %s", out)
 	}
-	st := srv.run("trust", "status")
-	if !strings.Contains(st, "root       2") && !strings.Contains(st, "root  ") {
-		t.Logf("status:\n%s", st)
+	if out := srv.run("trust", "rotate-root", "--keys", keys); !strings.Contains(out, "published root v3 with 3 new root keys (2 of 3)") || !strings.Contains(out, "retired key files: root-1, root-2, root-3") {
+		t.Fatalf("rotate-root: %s", out)
 	}
-	// The device walks to root v2 at its next check-in (there is nothing
-	// to install; the metadata is checked when something is offered, so
-	// offer 3.0.0... is for later sessions: here, check the chain serves).
-	for _, f := range []string{"1.root.json", "2.root.json", "timestamp.json"} {
+	if out := srv.run("trust", "rotate-online", "--keys", keys); !strings.Contains(out, "published root v4") {
+		t.Fatalf("rotate-online: %s", out)
+	}
+	var st struct {
+		Roles map[string]struct {
+			Version   int
+			Threshold int
+			KeyIDs    []string `json:"key_ids"`
+		}
+		Targets []string
+	}
+	json.Unmarshal([]byte(srv.run("trust", "status", "--json")), &st)
+	if st.Roles["root"].Version != 4 || st.Roles["root"].Threshold != 2 || len(st.Roles["root"].KeyIDs) != 3 || st.Roles["targets"].Version != 3 ||
+		len(st.Targets) != 1 || st.Targets[0] != "lock/2.0.0.img" {
+		t.Fatalf("status after the rotations: %+v", st)
+	}
+	// The whole chain is served for devices still on root v1.
+	for _, f := range []string{"1.root.json", "2.root.json", "3.root.json", "4.root.json", "timestamp.json"} {
 		if _, err := os.Stat(filepath.Join(srv.dataDir, "tuf", "metadata", f)); err != nil {
 			t.Errorf("%s not published: %v", f, err)
 		}
