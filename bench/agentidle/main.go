@@ -81,6 +81,7 @@ func run(agent string, settle time.Duration) error {
 	}
 	time.Sleep(settle)
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+	rollup, _ := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", cmd.Process.Pid))
 	cmd.Process.Signal(syscall.SIGTERM)
 	werr := cmd.Wait()
 	if err != nil {
@@ -95,10 +96,16 @@ func run(agent string, settle time.Duration) error {
 			hwm = strings.TrimSpace(v)
 		}
 	}
+	var anon string
+	for _, line := range strings.Split(string(rollup), "\n") {
+		if v, ok := strings.CutPrefix(line, "Anonymous:"); ok {
+			anon = strings.TrimSpace(v)
+		}
+	}
 	var kib int
 	fmt.Sscanf(rss, "%d", &kib)
 	fi, _ := os.Stat(agent)
-	fmt.Printf("\nagent daemon, idle after %v\n\n| what | value |\n|---|---|\n| idle RSS (VmRSS) | %s |\n| peak RSS so far (VmHWM) | %s |\n| binary size | %.1f MiB |\n", settle, rss, hwm, float64(fi.Size())/(1<<20))
+	fmt.Printf("\nagent daemon, idle after %v\n\n| what | value |\n|---|---|\n| idle RSS (VmRSS) | %s |\n| of which anonymous (heap, stacks) | %s |\n| peak RSS so far (VmHWM) | %s |\n| binary size | %.1f MiB |\n", settle, rss, anon, hwm, float64(fi.Size())/(1<<20))
 	if werr != nil {
 		return fmt.Errorf("the daemon did not stop cleanly on SIGTERM: %v", werr)
 	}
