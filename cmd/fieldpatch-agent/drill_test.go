@@ -1,0 +1,147 @@
+package main
+
+import (
+	"crypto"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sigstore/sigstore/pkg/signature"
+	"github.com/theupdateframework/go-tuf/v2/metadata"
+
+	"github.com/fieldpatch/fieldpatch/internal/trust"
+)
+
+// Drill (a), end to end with a fleet of real agents on v1: the TUF targets
+// key is declared leaked and rotated; v2 is published with the new key and
+// every device installs it. Then whoever holds the leaked key (and has
+// broken into the server: its online keys and files) publishes targets
+// signed with it, offering v3: every device refuses the metadata before
+// downloading a byte, reports why, and stays on v2.
+func TestDrillLeakedTargetsKey(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	addr := strings.TrimPrefix(srv.url, "https://")
+	keys := filepath.Join(t.TempDir(), "keys")
+	srv.run("trust", "init", "--keys", keys)
+	devs, ids := fleetOf(t, srv, 4, false)
+
+	// The leak is declared: rotate the targets key before anything else.
+	if out := srv.run("trust", "rotate-targets", "--keys", keys); !strings.Contains(out, "retired key files: targets-1") {
+		t.Fatalf("rotate-targets: %s", out)
+	}
+	leaked, err := trust.LoadPrivateKey(filepath.Join(keys, "retired", "targets-1.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
+	srv.run("trust", "publish", "lock-2.0.0", "--keys", keys)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", "v2", "--group", "fleet", "--min-sample", "1", "--start")
+	l := startLives(t, agentBin, devs)
+	waitFor(t, "every device on 2.0.0", 90*time.Second, func() bool {
+		for _, d := range ids {
+			if lastUpdate(srv.device(d)) != "committed" {
+				return false
+			}
+		}
+		return true
+	})
+	l.wait()
+
+	// The attacker: targets signed with the leaked key listing v3, and a
+	// snapshot and timestamp signed with the server's own online keys,
+	// written into the server's repository; the server restarted offers v3.
+	v3 := filepath.Join(t.TempDir(), "v3.img")
+	os.WriteFile(v3, buildImage(t, "3.0.0", 3, 64<<10), 0o644)
+	srv.run("release", "upload", "--id", "lock-3.0.0", v3)
+	forgeTargets(t, srv.dataDir, leaked, v3)
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	srv.cmd.Wait()
+	srv = startServer(t, srv.dataDir, addr, "--rollout-tick=200ms")
+	srv.run("rollout", "create", "lock-3.0.0", "--id", "v3", "--group", "fleet", "--min-sample", "100", "--start")
+	startLives(t, agentBin, devs)
+	waitFor(t, "every device to refuse v3", 90*time.Second, func() bool {
+		for _, d := range ids {
+			if lastUpdate(srv.device(d)) != "failed" {
+				return false
+			}
+		}
+		return true
+	})
+	for _, d := range ids {
+		dv := srv.device(d)
+		if dv.Version != "2.0.0" || !strings.Contains(dv.Updates[0].Reason, "refused before download: tuf") {
+			t.Errorf("%s: version %s, reason %q", d, dv.Version, dv.Updates[0].Reason)
+		}
+		// Nothing was downloaded: the slot holding 1.0.0 (a) is as it was.
+		if _, f := devs[d].status(); f.Booted != "b" || f.RunningVersion != "2.0.0" {
+			t.Errorf("%s: running %s from %s", d, f.RunningVersion, f.Booted)
+		}
+	}
+}
+
+// forgeTargets writes into a server's repository targets (next version)
+// listing image, signed with key, and a snapshot and timestamp naming it,
+// signed with the server's online keys.
+func forgeTargets(t *testing.T, dataDir string, key crypto.Signer, image string) {
+	t.Helper()
+	meta := filepath.Join(dataDir, "tuf", "metadata")
+	newest := func(role string) (int64, []byte) {
+		for v := int64(100); v > 0; v-- {
+			if b, err := os.ReadFile(filepath.Join(meta, fmt.Sprintf("%d.%s.json", v, role))); err == nil {
+				return v, b
+			}
+		}
+		t.Fatalf("no %s metadata", role)
+		return 0, nil
+	}
+	sign := func(md interface {
+		Sign(signature.Signer) (*metadata.Signature, error)
+		ClearSignatures()
+		ToBytes(bool) ([]byte, error)
+	}, k crypto.Signer) []byte {
+		s, err := signature.LoadSigner(k, crypto.Hash(0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		md.ClearSignatures()
+		md.Sign(s)
+		b, _ := md.ToBytes(true)
+		return b
+	}
+	online := func(role string) crypto.Signer {
+		k, err := trust.LoadPrivateKey(filepath.Join(dataDir, "tuf", "keys", role+".pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	tv, tb := newest(metadata.TARGETS)
+	targets, _ := metadata.Targets().FromBytes(tb)
+	targets.Signed.Version = tv + 1
+	img, _ := os.ReadFile(image)
+	sum := sha256.Sum256(img)
+	custom := json.RawMessage(`{"version": "3.0.0", "security_counter": 3, "hw_class": "lock", "format": "mcuboot"}`)
+	targets.Signed.Targets["lock/3.0.0.img"] = &metadata.TargetFiles{Length: int64(len(img)), Hashes: metadata.Hashes{"sha256": sum[:]}, Custom: &custom}
+	os.WriteFile(filepath.Join(meta, fmt.Sprintf("%d.targets.json", tv+1)), sign(targets, key), 0o644)
+	sv, sb := newest(metadata.SNAPSHOT)
+	snap, _ := metadata.Snapshot().FromBytes(sb)
+	snap.Signed.Version = sv + 1
+	snap.Signed.Meta["targets.json"] = metadata.MetaFile(tv + 1)
+	snapRaw := sign(snap, online(metadata.SNAPSHOT))
+	os.WriteFile(filepath.Join(meta, fmt.Sprintf("%d.snapshot.json", sv+1)), snapRaw, 0o644)
+	tsRaw, _ := os.ReadFile(filepath.Join(meta, "timestamp.json"))
+	ts, _ := metadata.Timestamp().FromBytes(tsRaw)
+	ts.Signed.Version++
+	ssum := sha256.Sum256(snapRaw)
+	mf := metadata.MetaFile(sv + 1)
+	mf.Length, mf.Hashes = int64(len(snapRaw)), metadata.Hashes{"sha256": ssum[:]}
+	ts.Signed.Meta["snapshot.json"] = mf
+	os.WriteFile(filepath.Join(meta, "timestamp.json"), sign(ts, online(metadata.TIMESTAMP)), 0o644)
+}
