@@ -213,12 +213,7 @@ func checkOffersWithTUF(r *agent.Runner, l *link.Link) error {
 		return nil
 	}
 	tc := &tufclient.Client{Dir: filepath.Join(r.StateDir, "tuf"), FactoryRoot: root, HTTP: l.HTTP, BaseURL: l.URL(proto.PathTUF),
-		Now: tufclient.TrustedTime(time.Now, func() time.Time {
-			if c, err := l.Certificate(); err == nil {
-				return c.NotBefore // the device certificate's issue time has passed
-			}
-			return time.Time{}
-		})}
+		Now: l.Clock.Now}
 	r.CheckOffer = tc.CheckOffer
 	return nil
 }

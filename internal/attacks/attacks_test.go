@@ -371,21 +371,35 @@ func TestAttackWrongHardwareClass(t *testing.T) {
 	}
 }
 
-// A device whose clock says 1970 still checks expiry at a sane time (never
-// before its certificate was issued) and takes the legitimate offer; one
-// that thinks it is 1970 with no floor would find every certificate and
-// metadata not yet valid.
-func TestClockAt1970(t *testing.T) {
-	s := newScene(t)
-	cert, err := s.d.link.Certificate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	epoch := time.Unix(0, 0)
-	s.d.tuf.Now = tufclient.TrustedTime(func() time.Time { return epoch }, func() time.Time { return cert.NotBefore })
-	s.legit(t)
-	if err := s.d.take(s.o); err != nil {
-		t.Fatalf("install at 1970: %v", err)
+// A device whose clock says 1970, or runs five years ahead, still judges
+// certificates and expiry at a sane time: TLS to its server works (the
+// server's certificate is checked at the device's floor, the newest time
+// it knows has passed, when its clock makes it look invalid), the
+// server's authenticated time corrects the clock, and the legitimate
+// update installs. Expired metadata is still refused on the corrected
+// time.
+func TestDeviceClockWrong(t *testing.T) {
+	for name, clock := range map[string]func() time.Time{
+		"1970":             func() time.Time { return time.Unix(0, 0) },
+		"five years ahead": func() time.Time { return time.Now().AddDate(5, 0, 0) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := newScene(t)
+			s.d.link.Clock.Device = clock
+			o := s.d.offer() // TLS on the trusted clock; the server's Date corrects it
+			if now := s.d.link.Clock.Now(); now.Sub(time.Now()).Abs() > time.Minute {
+				t.Fatalf("trusted time %v after talking to the server", now)
+			}
+			if err := s.d.take(o); err != nil {
+				t.Fatalf("install: %v", err)
+			}
+			// Freeze is still caught: an expired timestamp on the corrected time.
+			ts := s.onlineTimestamp(t)
+			ts.Signed.Version++
+			ts.Signed.Expires = time.Now().Add(-time.Hour)
+			s.d.mitm.set("timestamp.json", sign(t, ts, s.onlineKey(t, metadata.TIMESTAMP)))
+			refused[*metadata.ErrExpiredMetadata](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, o); return err })
+		})
 	}
 }
 

@@ -37,16 +37,15 @@ import (
 // device is a file-backed device running the real agent, provisioned on
 // the world's server, whose HTTP traffic passes the attacker.
 type device struct {
-	t      *testing.T
-	w      *world
-	id     string
-	dir    string
-	cfg    *agent.Config
-	r      *agent.Runner
-	link   *link.Link
-	tuf    *tufclient.Client
-	mitm   *mitm
-	offset time.Duration // the device clock's error
+	t    *testing.T
+	w    *world
+	id   string
+	dir  string
+	cfg  *agent.Config
+	r    *agent.Runner
+	link *link.Link
+	tuf  *tufclient.Client
+	mitm *mitm
 }
 
 func (w *world) device(id string) *device {
@@ -125,7 +124,7 @@ func (w *world) device(id string) *device {
 	d.r.Fetcher = &agent.HTTPFetcher{Client: through}
 	root, _ := d.link.Bundle.TUFRoot()
 	d.tuf = &tufclient.Client{Dir: filepath.Join(d.r.StateDir, "tuf"), FactoryRoot: root, HTTP: through, BaseURL: d.link.URL(proto.PathTUF),
-		Now: func() time.Time { return time.Now().Add(d.offset) }}
+		Now: d.link.Clock.Now}
 	d.r.CheckOffer = d.tuf.CheckOffer
 	return d
 }

@@ -62,6 +62,9 @@ func (b *Bundle) ImageKeyFiles() []string {
 type Link struct {
 	Bundle Bundle
 	HTTP   *http.Client
+	// Clock is the device's trusted time, kept up to date from the
+	// server's answers.
+	Clock *Clock
 	// Logf, if set, hears about renewals made on the way (see CheckIn).
 	Logf func(format string, args ...any)
 
@@ -101,9 +104,15 @@ func Open(dir string) (*Link, error) {
 	if err != nil {
 		return nil, fmt.Errorf("provisioning bundle %s: %w", dir, err)
 	}
-	l := &Link{Bundle: bun, cert: cert, leaf: leaf}
+	l := &Link{Bundle: bun, cert: cert, leaf: leaf, Clock: newClock(dir, leaf.NotBefore)}
 	tr := &http.Transport{
-		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ClientSessionCache: tls.NewLRUClientSessionCache(4),
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, ClientSessionCache: tls.NewLRUClientSessionCache(4),
+			// The server's certificate is checked below on the trusted
+			// clock, not the raw one (a device at 1970 or years ahead).
+			InsecureSkipVerify: true,
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				return l.verifyServer(cs, pool)
+			},
 			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 				l.mu.Lock()
 				defer l.mu.Unlock()
@@ -115,8 +124,56 @@ func Open(dir string) (*Link, error) {
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   15 * time.Second,
 	}
-	l.HTTP = &http.Client{Transport: tr}
+	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
 	return l, nil
+}
+
+// verifyServer checks the server's chain against the bundle's CA and the
+// server name, at the trusted time; if that fails, at the floor (the last
+// time the device knows was real): a device whose clock runs years ahead
+// still reaches its server and learns the time from it.
+func (l *Link) verifyServer(cs tls.ConnectionState, pool *x509.CertPool) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("the server sent no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: cs.ServerName, CurrentTime: l.Clock.Now()}
+	_, err := cs.PeerCertificates[0].Verify(opts)
+	if err == nil {
+		return nil
+	}
+	opts.CurrentTime = l.Clock.Floor()
+	if _, ferr := cs.PeerCertificates[0].Verify(opts); ferr == nil {
+		return nil
+	}
+	return err
+}
+
+// observer reads the server's time from every answer on the link.
+type observer struct {
+	base  http.RoundTripper
+	clock *Clock
+}
+
+// CloseIdleConnections lets http.Client close the TLS connections (after
+// a renewal, so the next one presents the new certificate).
+func (o *observer) CloseIdleConnections() {
+	if c, ok := o.base.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
+}
+
+func (o *observer) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := o.base.RoundTrip(req)
+	if err == nil {
+		if t, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
+			o.clock.Observe(t)
+		}
+	}
+	return resp, err
 }
 
 // BusyError is the server asking the device to come back later (503).
@@ -243,9 +300,7 @@ func (l *Link) Renew(ctx context.Context) (*x509.Certificate, error) {
 	l.mu.Lock()
 	l.cert, l.leaf = id, cert
 	l.mu.Unlock()
-	if tr, ok := l.HTTP.Transport.(*http.Transport); ok {
-		tr.CloseIdleConnections() // new connections present the new identity
-	}
+	l.HTTP.CloseIdleConnections() // new connections present the new identity
 	return cert, nil
 }
 

@@ -335,20 +335,6 @@ func (c *Client) get(ctx context.Context, name string, maxLength int64, lim Limi
 	return buf, nil
 }
 
-// TrustedTime is the time policy (docs/SECURITY.md): the device's clock,
-// but never before floor, a time the device knows has passed (its
-// certificate's issue time, say). A device whose clock says 1970 still
-// judges expiry and TLS at a sane time.
-func TrustedTime(clock, floor func() time.Time) func() time.Time {
-	return func() time.Time {
-		now := clock()
-		if f := floor(); f.After(now) {
-			return f
-		}
-		return now
-	}
-}
-
 // SHA256 is a target's SHA-256 in hex.
 func SHA256(t *metadata.TargetFiles) string { return hex.EncodeToString(t.Hashes["sha256"]) }
 
