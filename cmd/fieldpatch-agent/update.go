@@ -213,7 +213,7 @@ func checkOffersWithTUF(r *agent.Runner, l *link.Link) error {
 		return nil
 	}
 	tc := &tufclient.Client{Dir: filepath.Join(r.StateDir, "tuf"), FactoryRoot: root, HTTP: l.HTTP, BaseURL: l.URL(proto.PathTUF),
-		Now: l.Clock.Now}
+		Now: l.Clock.Now, KeysFile: r.KeysFile}
 	r.CheckOffer = tc.CheckOffer
 	return nil
 }

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -300,6 +303,7 @@ format, key epoch, downgrade mark), as the server holds it. Once the server
 has a TUF root, only published releases are offered to devices.`)
 	kdir := keysFlag(fs)
 	down := fs.Bool("downgrade", false, "mark it a deliberate downgrade (devices then accept a lower version)")
+	keyEpoch := fs.Uint("key-epoch", 0, "the key epoch devices raise theirs to when they commit it (image-key revocation)")
 	targExp := fs.Duration("targets-expires", 90*24*time.Hour, "validity of the new targets metadata")
 	conn := remoteFlags(fs)
 	r, pos, err := connect(fs, conn, args, 1, "want one release ID")
@@ -341,7 +345,7 @@ has a TUF root, only published releases are offered to devices.`)
 		return cli.Failed(err)
 	}
 	name, err := repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
-		SecurityCounter: rel.SecurityCounter, KeyEpoch: rel.KeyEpoch, Downgrade: *down})
+		SecurityCounter: rel.SecurityCounter, KeyEpoch: max(rel.KeyEpoch, uint32(*keyEpoch)), Downgrade: *down})
 	if err != nil {
 		return cli.Failed(err)
 	}
@@ -532,5 +536,102 @@ aside when they see the new root, and recover.`)
 		return err
 	}
 	fmt.Fprintf(stdout, "published root v%d naming the server's new online keys\n", v)
+	return nil
+}
+
+func runTrustImageKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust image-keys", "[--add KEY.pub.pem]... [--revoke KEY.pub.pem]... [--at-epoch N] [--keys DIR] [server flags]",
+		`Tells devices, through the signed targets, which image-signing keys to trust
+besides the ones they were built with, and from which key epoch each is
+revoked. Rotating a leaked image key:
+
+  1. fieldpatch trust image-keys --add new.pub.pem --revoke old.pub.pem --at-epoch 1
+  2. build the next release signed by both keys; publish it with --key-epoch 1
+  3. devices that commit it raise their key epoch to 1: from then on neither the
+     agent nor the boot selector accepts an image signed only by the old key.`)
+	kdir := keysFlag(fs)
+	var add, revoke cli.Strings
+	fs.Var(&add, "add", "a public key file to trust (repeatable)")
+	fs.Var(&revoke, "revoke", "a public key file to revoke at --at-epoch (repeatable)")
+	epoch := fs.Uint("at-epoch", 0, "the key epoch at which --revoke keys stop being trusted")
+	targExp := fs.Duration("targets-expires", 90*24*time.Hour, "validity of the new targets metadata")
+	conn := remoteFlags(fs)
+	r, _, err := connect(fs, conn, args, 0, "takes no arguments")
+	if err != nil {
+		return err
+	}
+	if len(add)+len(revoke) == 0 {
+		return cli.Usagef("give --add or --revoke")
+	}
+	if len(revoke) > 0 && *epoch == 0 {
+		return cli.Usagef("--revoke needs --at-epoch N (N >= 1)")
+	}
+	pemOf := func(path string) (string, error) {
+		pub, err := trust.LoadPublicKey(path)
+		if err != nil {
+			return "", cli.Usagef("%v", err)
+		}
+		der, _ := x509.MarshalPKIXPublicKey(pub)
+		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
+	}
+	t := tufRemote{r}
+	root, err := t.root(ctx)
+	if err != nil {
+		return err
+	}
+	k, err := loadOfflineKeys(*kdir)
+	if err != nil {
+		return err
+	}
+	signers := k.forRole(root, metadata.TARGETS)
+	if len(signers) < root.Signed.Roles[metadata.TARGETS].Threshold {
+		return cli.Refused(fmt.Errorf("%s holds %d of the %d targets keys needed", *kdir, len(signers), root.Signed.Roles[metadata.TARGETS].Threshold))
+	}
+	targets, err := t.targets(ctx)
+	if err != nil {
+		return err
+	}
+	var keys []proto.ImageKey
+	if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
+		var c proto.TargetCustom
+		json.Unmarshal(*cur.Custom, &c)
+		keys = c.ImageKeys
+	}
+	find := func(p string) int {
+		for i, k := range keys {
+			if k.PEM == p {
+				return i
+			}
+		}
+		keys = append(keys, proto.ImageKey{PEM: p})
+		return len(keys) - 1
+	}
+	for _, f := range add {
+		p, err := pemOf(f)
+		if err != nil {
+			return err
+		}
+		find(p)
+	}
+	for _, f := range revoke {
+		p, err := pemOf(f)
+		if err != nil {
+			return err
+		}
+		keys[find(p)].RevokedAtEpoch = uint32(*epoch)
+	}
+	if err := repo.SetImageKeys(targets, keys); err != nil {
+		return cli.Failed(err)
+	}
+	repo.Bump(targets, time.Now().Add(*targExp))
+	raw, err := repo.Sign(targets, signers...)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	v, err := t.put(ctx, metadata.TARGETS, raw)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "published %d image keys in targets v%d\n", len(keys), v)
 	return nil
 }

@@ -3,6 +3,8 @@ package attacks
 import (
 	"crypto"
 	"crypto/sha256"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"os"
 	"path/filepath"
@@ -14,7 +16,9 @@ import (
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
+	"github.com/fieldpatch/fieldpatch/internal/device/boot"
 	"github.com/fieldpatch/fieldpatch/internal/device/tufclient"
+	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/repo"
 	"github.com/fieldpatch/fieldpatch/internal/trust"
@@ -328,6 +332,91 @@ func TestAttackFastForward(t *testing.T) {
 	}
 }
 
+// A revoked image-signing key. The operator publishes, through the signed
+// targets, a new image key and the old one revoked at key epoch 1; the
+// next release is signed by both keys with key epoch 1, and the device
+// installs and commits it (raising its key epoch). From then on an image
+// signed only by the old key is refused at install, and at boot, whatever
+// a slot holds.
+func TestAttackRevokedImageKey(t *testing.T) {
+	s := newScene(t)
+	s.legit(t)
+	old := s.w.imageKey
+	fresh := genKeys(t, 1)[0]
+	md := s.w.nextTargets()
+	repo.SetImageKeys(md, []proto.ImageKey{{PEM: pemOf(t, fresh.Public())}, {PEM: pemOf(t, old.Public()), RevokedAtEpoch: 1}})
+	s.w.mustPublish(metadata.TARGETS, sign(t, md, s.w.targetsKeys...))
+	// v3, dual-signed, key epoch 1.
+	v3 := rel{id: "v3", version: "3.0.0", counter: 3, hwClass: hw}
+	v3.img = s.w.buildImageSigned(v3.version, v3.counter, hw, old, fresh)
+	s.w.release(v3, true, func(c *proto.TargetCustom) { c.KeyEpoch = 1 })
+	s.w.assign("v3", s.d.id)
+	o := s.d.offer()
+	if o.Target.Name != repo.TargetName(hw, "3.0.0") {
+		t.Fatalf("offered %s", o.Target.Name)
+	}
+	if err := s.d.take(o); err != nil {
+		t.Fatalf("the dual-signed release: %v", err)
+	}
+	if dec := s.d.reboot(); dec.Boot != "b" {
+		t.Fatalf("trial boot: %+v", dec)
+	}
+	nv, _ := s.d.cfg.NVStore().Load()
+	if nv.KeyEpoch != 1 {
+		t.Fatalf("key epoch %d after committing the dual-signed release", nv.KeyEpoch)
+	}
+	// At install: v4 signed only by the old key, validly published.
+	v4 := rel{id: "v4", version: "4.0.0", counter: 4, hwClass: hw}
+	v4.img = s.w.buildImage(v4.version, v4.counter, hw, old)
+	s.w.release(v4, true, nil)
+	s.w.assign("v4", s.d.id)
+	o4 := s.d.offer()
+	vouched, err := s.d.r.CheckOffer(s.w.ctx, o4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	staged := filepath.Join(t.TempDir(), "staged")
+	ierr := refused[*image.Error](t, s.d, func() error {
+		if err := s.d.r.Fetcher.Fetch(s.w.ctx, s.d.link.URL(o4.URL), staged, vouched.Size, nil); err != nil {
+			return err
+		}
+		_, err := s.d.r.VerifyStaged(s.w.ctx, staged, vouched)
+		return err
+	})
+	if !errors.Is(ierr, image.ErrUntrusted) {
+		t.Fatalf("want ErrUntrusted, got %v", ierr)
+	}
+	// At boot: v4 (counter 4, above the device's 3: only its key is wrong)
+	// written into slot a by whatever means and armed as a trial; the
+	// selector refuses it and boots the committed slot.
+	slotA := append(append([]byte(nil), v4.img...), make([]byte, 512<<10-len(v4.img))...)
+	if err := os.WriteFile(filepath.Join(s.d.dir, "slot-a.img"), slotA, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := s.d.fingerprint()
+	dev, closeDev, _ := s.d.cfg.Open(false)
+	env, _ := dev.Env.Load()
+	env[boot.VarTrial], env[boot.VarTrialLeft] = "a", "3"
+	dev.Env.Save(env)
+	dec, _ := boot.Select(s.w.ctx, dev)
+	closeDev()
+	if dec.Boot != "b" {
+		t.Fatalf("the selector booted %q: %+v", dec.Boot, dec)
+	}
+	refusedA := false
+	for _, c := range dec.Checks {
+		if c.Slot == "a" && !c.OK && strings.Contains(c.Problem, "key") {
+			refusedA = true
+		}
+	}
+	if !refusedA {
+		t.Fatalf("slot a was not refused for its key: %+v", dec.Checks)
+	}
+	if s.d.fingerprint() != before {
+		t.Fatal("the refused boot changed the device")
+	}
+}
+
 // A device with its factory root walks several root rotations (each new
 // root signed by the previous root's keys and its own) and ends trusting
 // the newest.
@@ -470,5 +559,13 @@ func (s *scene) serveTargets(t *testing.T, raw []byte, version int64) {
 func versioned(v int64, role string) string { return strconv.FormatInt(v, 10) + "." + role + ".json" }
 
 func sha256Of(b []byte) []byte { s := sha256.Sum256(b); return s[:] }
+
+func pemOf(t *testing.T, pub crypto.PublicKey) string {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+}
 
 func loadKey(path string) (crypto.Signer, error) { return trust.LoadPrivateKey(path) }

@@ -124,7 +124,7 @@ func (w *world) device(id string) *device {
 	d.r.Fetcher = &agent.HTTPFetcher{Client: through}
 	root, _ := d.link.Bundle.TUFRoot()
 	d.tuf = &tufclient.Client{Dir: filepath.Join(d.r.StateDir, "tuf"), FactoryRoot: root, HTTP: through, BaseURL: d.link.URL(proto.PathTUF),
-		Now: d.link.Clock.Now}
+		Now: d.link.Clock.Now, KeysFile: d.r.KeysFile}
 	d.r.CheckOffer = d.tuf.CheckOffer
 	return d
 }
@@ -172,6 +172,26 @@ func (d *device) take(o *proto.Offer) error {
 		return &installFailed{reason: st.Last.Reason}
 	}
 	return nil
+}
+
+// reboot powers the device through the boot selector and lets the agent
+// carry on (a trial boot commits or rolls back); it returns the selector's
+// decision.
+func (d *device) reboot() boot.Decision {
+	d.t.Helper()
+	dev, closeDev, err := d.cfg.Open(false)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	dec, err := boot.Select(d.w.ctx, dev)
+	closeDev()
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if _, err := d.r.Start(d.w.ctx); err != nil && !errors.Is(err, agent.ErrReboot) {
+		d.t.Fatal(err)
+	}
+	return dec
 }
 
 // installFailed is an install the agent's own checks ended (its reason is

@@ -159,9 +159,15 @@ func (w *world) nextRoot() *metadata.Metadata[metadata.RootType] {
 // buildImage makes a signed image.
 func (w *world) buildImage(version string, counter uint32, hwClass string, key crypto.Signer) []byte {
 	w.t.Helper()
+	return w.buildImageSigned(version, counter, hwClass, key)
+}
+
+// buildImageSigned makes an image signed by every key given.
+func (w *world) buildImageSigned(version string, counter uint32, hwClass string, keys ...crypto.Signer) []byte {
+	w.t.Helper()
 	payload := bytes.Repeat([]byte("fw "+version+" "), 3000)
 	var b bytes.Buffer
-	if _, err := image.Build(w.ctx, &b, bytes.NewReader(payload), int64(len(payload)), image.BuildOptions{Version: version, SecurityCounter: &counter, HWClass: hwClass, Signers: []crypto.Signer{key}}); err != nil {
+	if _, err := image.Build(w.ctx, &b, bytes.NewReader(payload), int64(len(payload)), image.BuildOptions{Version: version, SecurityCounter: &counter, HWClass: hwClass, Signers: keys}); err != nil {
 		w.t.Fatal(err)
 	}
 	return b.Bytes()

@@ -99,7 +99,21 @@ type TargetCustom struct {
 	Format          string `json:"format"` // "mcuboot"
 	Downgrade       bool   `json:"downgrade,omitempty"`
 	KeyEpoch        uint32 `json:"key_epoch,omitempty"`
+	// ImageKeys, on the target "image-keys.json" (format "image-keys"),
+	// are the image-signing keys devices trust besides their own, and the
+	// key epoch at which each stops being trusted.
+	ImageKeys []ImageKey `json:"image_keys,omitempty"`
 }
+
+// ImageKey is an image-signing public key (PEM) and the key epoch that
+// revokes it (0: not revoked).
+type ImageKey struct {
+	PEM            string `json:"pem"`
+	RevokedAtEpoch uint32 `json:"revoked_at_epoch,omitempty"`
+}
+
+// ImageKeysTarget is the TUF target that carries the image keys.
+const ImageKeysTarget = "image-keys.json"
 
 // Report statuses.
 const (

@@ -183,3 +183,20 @@ func LoadPublicKey(path string) (crypto.PublicKey, error) {
 	}
 	return pub, nil
 }
+
+// ParsePublicKeyPEM reads an Ed25519 or ECDSA P-256 public key from PEM
+// (SubjectPublicKeyInfo) bytes.
+func ParsePublicKeyPEM(data []byte) (crypto.PublicKey, error) {
+	block, _ := pem.Decode(data)
+	if block == nil || block.Type != "PUBLIC KEY" {
+		return nil, fmt.Errorf("no PEM public key")
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	if KeyType(pub) == "" {
+		return nil, fmt.Errorf("key type %T is not supported: use ed25519 or p256", pub)
+	}
+	return pub, nil
+}

@@ -119,6 +119,9 @@ func LoadConfig(path string) (*Config, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	c.SetBase(filepath.Dir(path))
+	if c.KeysFile == "" && c.StateDir != "" {
+		c.KeysFile = filepath.Join(c.StateDir, "tuf", "image-keys.json") // what the TUF client learns
+	}
 	if err := c.Validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -184,6 +187,7 @@ func (c *Config) NewRunner(log *slog.Logger) (*Runner, func(), error) {
 		},
 		Log:        log,
 		TimeZone:   c.TimeZone,
+		KeysFile:   c.Path(c.KeysFile),
 		Attributes: c.Attributes,
 	}
 	if c.HealthFile != "" {

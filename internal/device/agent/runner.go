@@ -120,6 +120,10 @@ type Runner struct {
 	// Notify, if set, hears each new state once it is persisted (status
 	// reports to the server).
 	Notify func(State)
+	// KeysFile, if set, holds more trusted image keys, learned from signed
+	// TUF metadata (read at every verification: it may change while the
+	// agent runs).
+	KeysFile string
 	// TimeZone and Attributes are reported at every check-in.
 	TimeZone   string
 	Attributes map[string]string
@@ -495,8 +499,16 @@ func (r *Runner) trustedKeys() ([]crypto.PublicKey, error) {
 	if err != nil {
 		return nil, err
 	}
+	all := r.Device.Keys
+	if r.KeysFile != "" {
+		more, err := boot.LoadKeysFile(r.KeysFile)
+		if err != nil {
+			r.log().Warn("ignoring the image keys learned from TUF", "err", err)
+		}
+		all = boot.MergeKeys(all, more)
+	}
 	var keys []crypto.PublicKey
-	for _, k := range r.Device.Keys {
+	for _, k := range all {
 		if k.RevokedAtEpoch == 0 || nv.KeyEpoch < k.RevokedAtEpoch {
 			keys = append(keys, k.Key)
 		}

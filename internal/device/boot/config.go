@@ -1,6 +1,9 @@
 package boot
 
 import (
+	"bytes"
+	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,6 +34,11 @@ type Config struct {
 	Env EnvConfig `json:"env"`
 	// Keys are the image-signing public keys the device trusts.
 	Keys []KeyConfig `json:"keys"`
+	// KeysFile, if it exists, holds more trusted image keys, learned from
+	// signed TUF metadata (the agent writes it; default
+	// STATE_DIR/tuf/image-keys.json). A file that cannot be read adds
+	// nothing: the keys above still count.
+	KeysFile string `json:"keys_file,omitempty"`
 	// NV is the file standing in for OTP/eFuse storage.
 	NV string `json:"nv"`
 	// HWClass, if set, refuses images built for other hardware.
@@ -149,6 +157,10 @@ func (c *Config) Open(readOnly bool) (Device, func(), error) {
 		}
 		dev.Keys = append(dev.Keys, TrustedKey{Key: pub, RevokedAtEpoch: k.RevokedAtEpoch, Name: k.Path})
 	}
+	if c.KeysFile != "" {
+		more, _ := LoadKeysFile(c.path(c.KeysFile))
+		dev.Keys = MergeKeys(dev.Keys, more)
+	}
 	switch c.Env.Type {
 	case "uboot":
 		cfgPath := c.path(c.Env.FwEnvConfig)
@@ -195,3 +207,64 @@ func (c *Config) NVStore() *NVFile {
 type readOnlyEnv struct{ bootenv.Store }
 
 func (readOnlyEnv) Save(bootenv.Env) error { return nil }
+
+// KeysFile is the document of image keys learned from signed metadata.
+type KeysFile struct {
+	Keys []struct {
+		PEM            string `json:"pem"`
+		RevokedAtEpoch uint32 `json:"revoked_at_epoch,omitempty"`
+	} `json:"keys"`
+}
+
+// LoadKeysFile reads image keys learned from signed metadata; a missing
+// file is no keys.
+func LoadKeysFile(path string) ([]TrustedKey, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var f KeysFile
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	var out []TrustedKey
+	for i, k := range f.Keys {
+		pub, err := trust.ParsePublicKeyPEM([]byte(k.PEM))
+		if err != nil {
+			return nil, fmt.Errorf("%s: key %d: %w", path, i+1, err)
+		}
+		out = append(out, TrustedKey{Key: pub, RevokedAtEpoch: k.RevokedAtEpoch, Name: fmt.Sprintf("%s#%d", filepath.Base(path), i+1)})
+	}
+	return out, nil
+}
+
+// MergeKeys adds learned keys to a device's own: a key both lists is one
+// key, revoked at the lower non-zero epoch of the two (so signed metadata
+// can revoke a key the device was built with, but never un-revoke one).
+func MergeKeys(own, learned []TrustedKey) []TrustedKey {
+	out := append([]TrustedKey(nil), own...)
+	for _, l := range learned {
+		lb, err := x509.MarshalPKIXPublicKey(l.Key)
+		if err != nil {
+			continue
+		}
+		found := false
+		for i := range out {
+			ob, err := x509.MarshalPKIXPublicKey(out[i].Key)
+			if err != nil || !bytes.Equal(ob, lb) {
+				continue
+			}
+			found = true
+			if r := l.RevokedAtEpoch; r != 0 && (out[i].RevokedAtEpoch == 0 || r < out[i].RevokedAtEpoch) {
+				out[i].RevokedAtEpoch = r
+			}
+		}
+		if !found {
+			out = append(out, l)
+		}
+	}
+	return out
+}

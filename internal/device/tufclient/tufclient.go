@@ -68,6 +68,10 @@ type Client struct {
 	// Now is the reference time for expiry: the device's trusted time.
 	Now    func() time.Time
 	Limits Limits
+	// KeysFile, if set, is where the image keys the signed targets carry
+	// (target image-keys.json) are written for the agent and the boot
+	// selector (boot.LoadKeysFile), each time they change.
+	KeysFile string
 }
 
 // Error is a failure to bring metadata up to date or to find a target.
@@ -125,6 +129,9 @@ func (c *Client) Target(ctx context.Context, name string) (*metadata.TargetFiles
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := c.learnKeys(up); err != nil {
+		return nil, nil, err
+	}
 	t, err := up.GetTargetInfo(name)
 	if err != nil {
 		return nil, nil, classify("target "+name, err)
@@ -140,6 +147,32 @@ func (c *Client) Target(ctx context.Context, name string) (*metadata.TargetFiles
 		return nil, nil, &Error{Op: "target " + name, Err: errors.New("no SHA-256 or length"), security: true}
 	}
 	return t, &cu, nil
+}
+
+// learnKeys writes the image keys the signed targets carry, if any.
+func (c *Client) learnKeys(up *updater.Updater) error {
+	if c.KeysFile == "" {
+		return nil
+	}
+	t, err := up.GetTargetInfo(proto.ImageKeysTarget)
+	if err != nil || t.Custom == nil {
+		return nil // none published
+	}
+	var cu proto.TargetCustom
+	if err := json.Unmarshal(*t.Custom, &cu); err != nil || cu.Format != "image-keys" {
+		return &Error{Op: "image keys", Err: fmt.Errorf("target %s: not an image-keys document", proto.ImageKeysTarget), security: true}
+	}
+	doc, _ := json.MarshalIndent(map[string]any{"keys": cu.ImageKeys}, "", "  ")
+	if old, err := os.ReadFile(c.KeysFile); err == nil && string(old) == string(doc) {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(c.KeysFile), 0o700); err != nil {
+		return &Error{Op: "image keys", Err: err}
+	}
+	if err := atomicfile.Write(c.KeysFile, doc, 0o644); err != nil {
+		return &Error{Op: "image keys", Err: err}
+	}
+	return nil
 }
 
 // TrustedRootVersion is the version of the root the device trusts now.

@@ -376,6 +376,17 @@ func ParseCustom(path string, t *metadata.TargetFiles) (*proto.TargetCustom, err
 	if err := json.Unmarshal(*t.Custom, &c); err != nil {
 		return nil, fmt.Errorf("target %s: custom fields: %w", path, err)
 	}
+	if path == proto.ImageKeysTarget || c.Format == "image-keys" {
+		if path != proto.ImageKeysTarget || c.Format != "image-keys" || len(c.ImageKeys) == 0 {
+			return nil, fmt.Errorf("target %s: the image keys are target %s, format image-keys, with at least one key", path, proto.ImageKeysTarget)
+		}
+		for i, k := range c.ImageKeys {
+			if _, err := trust.ParsePublicKeyPEM([]byte(k.PEM)); err != nil {
+				return nil, fmt.Errorf("target %s: key %d: %w", path, i+1, err)
+			}
+		}
+		return &c, nil
+	}
 	if c.Version == "" || c.HWClass == "" || c.Format != "mcuboot" {
 		return nil, fmt.Errorf("target %s: custom fields need version, hw_class and format mcuboot", path)
 	}
@@ -383,6 +394,21 @@ func ParseCustom(path string, t *metadata.TargetFiles) (*proto.TargetCustom, err
 		return nil, fmt.Errorf("target %s: its name must be %s", path, TargetName(c.HWClass, c.Version))
 	}
 	return &c, nil
+}
+
+// SetImageKeys puts the image keys devices trust (and when each is
+// revoked) into targets metadata, as target image-keys.json.
+func SetImageKeys(md *metadata.Metadata[metadata.TargetsType], keys []proto.ImageKey) error {
+	c := proto.TargetCustom{Format: "image-keys", ImageKeys: keys}
+	raw, err := json.Marshal(c)
+	if err != nil {
+		return err
+	}
+	doc, _ := json.Marshal(keys)
+	sum := sha256.Sum256(doc)
+	msg := json.RawMessage(raw)
+	md.Signed.Targets[proto.ImageKeysTarget] = &metadata.TargetFiles{Length: int64(len(doc)), Hashes: metadata.Hashes{"sha256": sum[:]}, Custom: &msg, Path: proto.ImageKeysTarget}
+	return nil
 }
 
 // TargetName is a release's target path: HWCLASS/VERSION.img.
