@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"crypto"
 	"crypto/sha256"
 	"encoding/json"
@@ -15,6 +17,7 @@ import (
 	"github.com/sigstore/sigstore/pkg/signature"
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 
+	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
@@ -144,4 +147,102 @@ func forgeTargets(t *testing.T, dataDir string, key crypto.Signer, image string)
 	mf.Length, mf.Hashes = int64(len(snapRaw)), metadata.Hashes{"sha256": ssum[:]}
 	ts.Signed.Meta["snapshot.json"] = mf
 	os.WriteFile(filepath.Join(meta, "timestamp.json"), sign(ts, online(metadata.TIMESTAMP)), 0o644)
+}
+
+// Drill (b), end to end with a fleet of real agents on v1: the
+// image-signing key is declared leaked. The operator publishes a new image
+// key and the old one revoked at key epoch 1; v2 is dual-signed and
+// published with key epoch 1; every device installs and commits it. After
+// that an image signed only with the leaked key is refused at install
+// (reported, nothing written) and at boot (armed by hand into the other
+// slot, the selector boots the committed one) on every device.
+func TestDrillLeakedImageKey(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms")
+	keys := filepath.Join(t.TempDir(), "keys")
+	srv.run("trust", "init", "--keys", keys)
+	devs, ids := fleetOf(t, srv, 3, false)
+	leakedPub, _ := filepath.Abs(filepath.Join(vectors, "mcuboot", "ed25519.pub.pem"))
+	leaked, err := trust.LoadPrivateKey(filepath.Join(vectors, "mcuboot", "ed25519.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fresh, _ := trust.GenerateKey(trust.KeyEd25519)
+	_, freshPub, err := trust.WriteKeyPair(filepath.Join(t.TempDir(), "image-2"), fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := srv.run("trust", "image-keys", "--add", freshPub, "--revoke", leakedPub, "--at-epoch", "1", "--keys", keys); !strings.Contains(out, "published 2 image keys") {
+		t.Fatalf("image-keys: %s", out)
+	}
+	v2 := filepath.Join(t.TempDir(), "v2.img")
+	os.WriteFile(v2, buildImageBy(t, "2.0.0", 2, leaked, fresh), 0o644)
+	srv.run("release", "upload", "--id", "lock-2.0.0", v2)
+	srv.run("trust", "publish", "lock-2.0.0", "--key-epoch", "1", "--keys", keys)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", "v2", "--group", "fleet", "--min-sample", "1", "--start")
+	l := startLives(t, agentBin, devs)
+	waitFor(t, "every device on 2.0.0", 90*time.Second, func() bool {
+		for _, d := range ids {
+			if lastUpdate(srv.device(d)) != "committed" {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(2 * time.Second) // the committed outcome is reported after the commit itself
+	l.wait()
+	for _, d := range ids {
+		out := devs[d].must("nv", "--config", devs[d].cfg)
+		if !strings.Contains(out, "key epoch 1") && !strings.Contains(out, `"key_epoch": 1`) {
+			t.Fatalf("%s: key epoch not raised:\n%s", d, out)
+		}
+	}
+
+	// At install: v3, signed only with the leaked key, published.
+	v3img := buildImageBy(t, "3.0.0", 3, leaked)
+	v3 := filepath.Join(t.TempDir(), "v3.img")
+	os.WriteFile(v3, v3img, 0o644)
+	srv.run("release", "upload", "--id", "lock-3.0.0", v3)
+	srv.run("trust", "publish", "lock-3.0.0", "--keys", keys)
+	srv.run("rollout", "create", "lock-3.0.0", "--id", "v3", "--group", "fleet", "--min-sample", "100", "--start")
+	startLives(t, agentBin, devs)
+	waitFor(t, "every device to refuse v3", 90*time.Second, func() bool {
+		for _, d := range ids {
+			if lastUpdate(srv.device(d)) != "failed" {
+				return false
+			}
+		}
+		return true
+	})
+	for _, d := range ids {
+		dv := srv.device(d)
+		if dv.Version != "2.0.0" || !strings.Contains(dv.Updates[0].Reason, "trusted") {
+			t.Errorf("%s: version %s, reason %q", d, dv.Version, dv.Updates[0].Reason)
+		}
+	}
+
+	// At boot: v3 written into the other slot and armed by hand.
+	for _, d := range ids {
+		dev := devs[d]
+		slotA := append(append([]byte(nil), v3img...), make([]byte, 512<<10-len(v3img))...)
+		os.WriteFile(filepath.Join(dev.dir, "slot-a.img"), slotA, 0o644)
+		dev.must("env", "--config", dev.cfg, "fp_trial=a", "fp_trial_left=3")
+		out := dev.must("boot", "--config", dev.cfg)
+		if !strings.Contains(out, "booted=b") {
+			t.Errorf("%s: the selector did not keep slot b:\n%s", d, out)
+		}
+	}
+}
+
+// buildImageBy builds an image signed by every key given.
+func buildImageBy(t *testing.T, version string, counter uint32, keys ...crypto.Signer) []byte {
+	t.Helper()
+	payload := bytes.Repeat([]byte("firmware "+version+" "), 4096)
+	var b bytes.Buffer
+	if _, err := image.Build(context.Background(), &b, bytes.NewReader(payload), int64(len(payload)), image.BuildOptions{
+		Version: version, SecurityCounter: &counter, HWClass: "lock", Signers: keys,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
 }
