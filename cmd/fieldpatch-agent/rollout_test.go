@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -444,8 +445,17 @@ func TestOnlineTUF(t *testing.T) {
 		len(st.Targets) != 1 || st.Targets[0] != "lock/2.0.0.img" {
 		t.Fatalf("status after the rotations: %+v", st)
 	}
+	// One root key lost: revoked, two of three remain (threshold 2).
+	lost := st.Roles["root"].KeyIDs[0]
+	if out := srv.run("trust", "revoke", lost[:10], "--keys", keys); !strings.Contains(out, "published root v5 without key "+lost[:12]+" (root)") {
+		t.Fatalf("revoke: %s", out)
+	}
+	json.Unmarshal([]byte(srv.run("trust", "status", "--json")), &st)
+	if st.Roles["root"].Version != 5 || len(st.Roles["root"].KeyIDs) != 2 || slices.Contains(st.Roles["root"].KeyIDs, lost) {
+		t.Fatalf("after the revocation: %+v", st.Roles["root"])
+	}
 	// The whole chain is served for devices still on root v1.
-	for _, f := range []string{"1.root.json", "2.root.json", "3.root.json", "4.root.json", "timestamp.json"} {
+	for _, f := range []string{"1.root.json", "2.root.json", "3.root.json", "4.root.json", "5.root.json", "timestamp.json"} {
 		if _, err := os.Stat(filepath.Join(srv.dataDir, "tuf", "metadata", f)); err != nil {
 			t.Errorf("%s not published: %v", f, err)
 		}

@@ -50,6 +50,7 @@ var commands = []command{
 	{"trust publish", "sign a release into the TUF targets with the offline keys", runTrustPublish},
 	{"trust rotate-root", "replace the root keys (signed by old and new)", runTrustRotate("root")},
 	{"trust rotate-targets", "replace the targets keys (after a leak) and re-sign targets", runTrustRotate("targets")},
+	{"trust revoke", "remove one key from the root (when enough others remain)", runTrustRevoke},
 	{"trust image-keys", "tell devices which image-signing keys to trust, and revoke one at a key epoch", runTrustImageKeys},
 	{"trust rotate-online", "replace the server's snapshot and timestamp keys (after a leak)", runTrustRotateOnline},
 	{"device provision", "register a device and write its provisioning bundle", runDeviceProvision},

@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -633,5 +634,78 @@ revoked. Rotating a leaked image key:
 		return err
 	}
 	fmt.Fprintf(stdout, "published %d image keys in targets v%d\n", len(keys), v)
+	return nil
+}
+
+func runTrustRevoke(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlags(stdout, "fieldpatch", "trust revoke", "KEYID [--keys DIR] [server flags]",
+		`Removes one key from whatever roles the root gives it (a lost or leaked root
+or targets key, when enough others remain): publishes the next root without
+it, signed by a threshold of the current root keys (and of the remaining
+ones). Each role must keep at least its threshold of keys; to replace keys
+instead, use rotate-root or rotate-targets. KEYID is the key's TUF ID (from
+"fieldpatch trust status --json"; a unique prefix will do).`)
+	kdir := keysFlag(fs)
+	conn := remoteFlags(fs)
+	r, pos, err := connect(fs, conn, args, 1, "want one key ID")
+	if err != nil {
+		return err
+	}
+	t := tufRemote{r}
+	root, err := t.root(ctx)
+	if err != nil {
+		return err
+	}
+	var id string
+	for kid := range root.Signed.Keys {
+		if strings.HasPrefix(kid, pos[0]) {
+			if id != "" {
+				return cli.Usagef("key ID prefix %s is not unique", pos[0])
+			}
+			id = kid
+		}
+	}
+	if id == "" || len(pos[0]) < 8 {
+		return cli.Refused(fmt.Errorf("the root names no key %s (give at least 8 characters)", pos[0]))
+	}
+	k, err := loadOfflineKeys(*kdir)
+	if err != nil {
+		return err
+	}
+	oldRootKeys := k.forRole(root, metadata.ROOT)
+	if len(oldRootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
+		return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(oldRootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+	}
+	repo.Bump(root, time.Now().Add(365*24*time.Hour))
+	var roles []string
+	for _, role := range []string{metadata.ROOT, metadata.TARGETS} {
+		rl := root.Signed.Roles[role]
+		if !slices.Contains(rl.KeyIDs, id) {
+			continue
+		}
+		if len(rl.KeyIDs)-1 < rl.Threshold {
+			return cli.Refused(fmt.Errorf("%s would keep %d keys, below its threshold %d: use rotate-%s", role, len(rl.KeyIDs)-1, rl.Threshold, role))
+		}
+		if err := root.Signed.RevokeKey(id, role); err != nil {
+			return cli.Failed(err)
+		}
+		roles = append(roles, role)
+	}
+	if len(roles) == 0 {
+		return cli.Refused(fmt.Errorf("key %s signs for no offline role (online keys: rotate-online)", id))
+	}
+	// Signed by the old root's keys; the remaining root keys are among them.
+	raw, err := repo.Sign(root, oldRootKeys...)
+	if err != nil {
+		return cli.Failed(err)
+	}
+	v, err := t.put(ctx, metadata.ROOT, raw)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "published root v%d without key %s (%s)\n", v, id[:12], strings.Join(roles, ", "))
+	if moved, err := k.retire(root); err == nil && len(moved) > 0 {
+		fmt.Fprintf(stdout, "retired key files: %s\n", strings.Join(moved, ", "))
+	}
 	return nil
 }
