@@ -152,6 +152,17 @@ func TestAttackRollback(t *testing.T) {
 	s.d.mitm.set("timestamp.json", old)
 	refused[*metadata.ErrBadVersionNumber](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
 	s.d.mitm.clear()
+	// An older snapshot, named by a fresh timestamp signed with the (stolen)
+	// online key.
+	snap := s.onlineSnapshot(t)
+	oldRaw, err := s.w.srv.Repo.File(versioned(snap.Signed.Version-1, metadata.SNAPSHOT))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldSnap, _ := metadata.Snapshot().FromBytes(oldRaw)
+	s.serveSnapshot(t, oldSnap)
+	refused[*metadata.ErrBadVersionNumber](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
+	s.d.mitm.clear()
 
 	// The device's counter is 1: a counter-0 release is refused.
 	lowCounter := rel{id: "v2-low", version: "2.1.0", counter: 0, hwClass: hw}
