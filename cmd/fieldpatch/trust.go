@@ -75,6 +75,16 @@ func (k *offlineKeys) forRole(root *metadata.Metadata[metadata.RootType], role s
 	return out
 }
 
+// signersFor returns the keys held here for role, refusing when they are
+// fewer than the root's threshold for it.
+func (k *offlineKeys) signersFor(root *metadata.Metadata[metadata.RootType], role string) ([]crypto.Signer, error) {
+	s := k.forRole(root, role)
+	if need := root.Signed.Roles[role].Threshold; len(s) < need {
+		return nil, cli.Refused(fmt.Errorf("%s holds %d of the %d %s keys needed", k.dir, len(s), need, role))
+	}
+	return s, nil
+}
+
 // generate makes n new keys named prefix-N.pem (N after the highest in
 // use, retired ones included).
 func (k *offlineKeys) generate(prefix string, n int) ([]crypto.Signer, []crypto.PublicKey, error) {
@@ -156,14 +166,6 @@ func rolePubs(root *metadata.Metadata[metadata.RootType], role string) ([]crypto
 	return out, nil
 }
 
-func pubsOf(ks []crypto.Signer) []crypto.PublicKey {
-	var out []crypto.PublicKey
-	for _, k := range ks {
-		out = append(out, k.Public())
-	}
-	return out
-}
-
 // tufRemote is the server's TUF side as the CLI uses it.
 type tufRemote struct{ r *remote }
 
@@ -187,6 +189,36 @@ func (t tufRemote) targets(ctx context.Context) (*metadata.Metadata[metadata.Tar
 		return nil, err
 	}
 	return metadata.Targets().FromBytes(raw.Bytes())
+}
+
+// editTargets changes the current targets with the offline targets keys
+// in kdir: edit, next version, new expiry, signed, published.
+func (t tufRemote) editTargets(ctx context.Context, kdir string, expires time.Duration, edit func(*metadata.Metadata[metadata.TargetsType]) error) (int64, error) {
+	root, err := t.root(ctx)
+	if err != nil {
+		return 0, err
+	}
+	k, err := loadOfflineKeys(kdir)
+	if err != nil {
+		return 0, err
+	}
+	signers, err := k.signersFor(root, metadata.TARGETS)
+	if err != nil {
+		return 0, err
+	}
+	targets, err := t.targets(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if err := edit(targets); err != nil {
+		return 0, err
+	}
+	repo.Bump(targets, time.Now().Add(expires))
+	raw, err := repo.Sign(targets, signers...)
+	if err != nil {
+		return 0, cli.Failed(err)
+	}
+	return t.put(ctx, metadata.TARGETS, raw)
 }
 
 func (t tufRemote) put(ctx context.Context, role string, raw []byte) (int64, error) {
@@ -324,38 +356,20 @@ has a TUF root, only published releases are offered to devices.`)
 	if rel == nil {
 		return cli.Refused(fmt.Errorf("release %s: not found", pos[0]))
 	}
-	t := tufRemote{r}
-	root, err := t.root(ctx)
-	if err != nil {
-		return err
-	}
-	k, err := loadOfflineKeys(*kdir)
-	if err != nil {
-		return err
-	}
-	signers := k.forRole(root, metadata.TARGETS)
-	if len(signers) < root.Signed.Roles[metadata.TARGETS].Threshold {
-		return cli.Refused(fmt.Errorf("%s holds %d of the %d targets keys needed", *kdir, len(signers), root.Signed.Roles[metadata.TARGETS].Threshold))
-	}
-	targets, err := t.targets(ctx)
-	if err != nil {
-		return err
-	}
 	sum, err := hex.DecodeString(rel.SHA256)
 	if err != nil {
 		return cli.Failed(err)
 	}
-	name, err := repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
-		SecurityCounter: rel.SecurityCounter, KeyEpoch: max(rel.KeyEpoch, uint32(*keyEpoch)), Downgrade: *down})
-	if err != nil {
-		return cli.Failed(err)
-	}
-	repo.Bump(targets, time.Now().Add(*targExp))
-	raw, err := repo.Sign(targets, signers...)
-	if err != nil {
-		return cli.Failed(err)
-	}
-	v, err := t.put(ctx, metadata.TARGETS, raw)
+	var name string
+	v, err := tufRemote{r}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+		var err error
+		name, err = repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
+			SecurityCounter: rel.SecurityCounter, KeyEpoch: max(rel.KeyEpoch, uint32(*keyEpoch)), Downgrade: *down})
+		if err != nil {
+			return cli.Failed(err)
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}
@@ -397,9 +411,9 @@ then on devices refuse targets metadata signed by the old keys.`,
 		if err != nil {
 			return err
 		}
-		oldRootKeys := k.forRole(root, metadata.ROOT)
-		if len(oldRootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
-			return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(oldRootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+		oldRootKeys, err := k.signersFor(root, metadata.ROOT)
+		if err != nil {
+			return err
 		}
 		cur := root.Signed.Roles[role]
 		if *n == 0 {
@@ -506,9 +520,9 @@ aside when they see the new root, and recover.`)
 	if err != nil {
 		return err
 	}
-	rootKeys := k.forRole(root, metadata.ROOT)
-	if len(rootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
-		return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(rootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+	rootKeys, err := k.signersFor(root, metadata.ROOT)
+	if err != nil {
+		return err
 	}
 	var online map[string]*metadata.Key
 	if err := r.do(ctx, "POST", mgmtapi.PathTUF+"/online-keys", nil, &online); err != nil {
@@ -575,61 +589,38 @@ revoked. Rotating a leaked image key:
 		der, _ := x509.MarshalPKIXPublicKey(pub)
 		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
 	}
-	t := tufRemote{r}
-	root, err := t.root(ctx)
-	if err != nil {
-		return err
-	}
-	k, err := loadOfflineKeys(*kdir)
-	if err != nil {
-		return err
-	}
-	signers := k.forRole(root, metadata.TARGETS)
-	if len(signers) < root.Signed.Roles[metadata.TARGETS].Threshold {
-		return cli.Refused(fmt.Errorf("%s holds %d of the %d targets keys needed", *kdir, len(signers), root.Signed.Roles[metadata.TARGETS].Threshold))
-	}
-	targets, err := t.targets(ctx)
-	if err != nil {
-		return err
-	}
 	var keys []proto.ImageKey
-	if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
-		var c proto.TargetCustom
-		json.Unmarshal(*cur.Custom, &c)
-		keys = c.ImageKeys
-	}
-	find := func(p string) int {
-		for i, k := range keys {
-			if k.PEM == p {
-				return i
+	v, err := tufRemote{r}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+		if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
+			var c proto.TargetCustom
+			json.Unmarshal(*cur.Custom, &c)
+			keys = c.ImageKeys
+		}
+		find := func(p string) int {
+			for i, k := range keys {
+				if k.PEM == p {
+					return i
+				}
 			}
+			keys = append(keys, proto.ImageKey{PEM: p})
+			return len(keys) - 1
 		}
-		keys = append(keys, proto.ImageKey{PEM: p})
-		return len(keys) - 1
-	}
-	for _, f := range add {
-		p, err := pemOf(f)
-		if err != nil {
-			return err
+		for _, f := range add {
+			p, err := pemOf(f)
+			if err != nil {
+				return err
+			}
+			find(p)
 		}
-		find(p)
-	}
-	for _, f := range revoke {
-		p, err := pemOf(f)
-		if err != nil {
-			return err
+		for _, f := range revoke {
+			p, err := pemOf(f)
+			if err != nil {
+				return err
+			}
+			keys[find(p)].RevokedAtEpoch = uint32(*epoch)
 		}
-		keys[find(p)].RevokedAtEpoch = uint32(*epoch)
-	}
-	if err := repo.SetImageKeys(targets, keys); err != nil {
-		return cli.Failed(err)
-	}
-	repo.Bump(targets, time.Now().Add(*targExp))
-	raw, err := repo.Sign(targets, signers...)
-	if err != nil {
-		return cli.Failed(err)
-	}
-	v, err := t.put(ctx, metadata.TARGETS, raw)
+		return repo.SetImageKeys(targets, keys)
+	})
 	if err != nil {
 		return err
 	}
@@ -672,9 +663,9 @@ instead, use rotate-root or rotate-targets. KEYID is the key's TUF ID (from
 	if err != nil {
 		return err
 	}
-	oldRootKeys := k.forRole(root, metadata.ROOT)
-	if len(oldRootKeys) < root.Signed.Roles[metadata.ROOT].Threshold {
-		return cli.Refused(fmt.Errorf("%s holds %d of the %d root keys needed", *kdir, len(oldRootKeys), root.Signed.Roles[metadata.ROOT].Threshold))
+	oldRootKeys, err := k.signersFor(root, metadata.ROOT)
+	if err != nil {
+		return err
 	}
 	repo.Bump(root, time.Now().Add(365*24*time.Hour))
 	var roles []string
