@@ -69,14 +69,27 @@ func TestDrillLeakedTargetsKey(t *testing.T) {
 	srv = startServer(t, srv.dataDir, addr, "--rollout-tick=200ms")
 	srv.run("rollout", "create", "lock-3.0.0", "--id", "v3", "--group", "fleet", "--min-sample", "100", "--start")
 	startLives(t, agentBin, devs)
-	waitFor(t, "every device to refuse v3", 90*time.Second, func() bool {
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		done := true
 		for _, d := range ids {
 			if lastUpdate(srv.device(d)) != "failed" {
-				return false
+				done = false
 			}
 		}
-		return true
-	})
+		if done {
+			break
+		}
+		if time.Now().After(deadline) {
+			for _, d := range ids {
+				dv := srv.device(d)
+				log, _ := os.ReadFile(filepath.Join(devs[d].dir, "state", "update.log"))
+				t.Logf("%s: %+v\n%s", d, dv, log[max(0, len(log)-1500):])
+			}
+			t.Fatal("timed out waiting for every device to refuse v3")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	for _, d := range ids {
 		dv := srv.device(d)
 		if dv.Version != "2.0.0" || !strings.Contains(dv.Updates[0].Reason, "refused before download: tuf") {

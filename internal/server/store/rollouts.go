@@ -93,7 +93,7 @@ func (s *Store) liveRollouts(ctx context.Context) ([]*liveRollout, error) {
 	var list []*liveRollout
 	err := s.queryRows(ctx, `SELECT `+rolloutCols+`, rel.id, rel.version, rel.hw_class, rel.security_counter, rel.key_epoch, rel.sha256, rel.length
 		FROM rollouts r JOIN releases rel ON rel.id = r.release_id
-		WHERE r.state IN ('active', 'paused') ORDER BY r.created_at DESC, r.id DESC`, nil, func(rows *sql.Rows) error {
+		WHERE r.state IN ('active', 'paused') ORDER BY r.created_at DESC, r.rowid DESC`, nil, func(rows *sql.Rows) error {
 		var lr liveRollout
 		var err error
 		lr.r, err = scanRollout(rows, &lr.rel.ID, &lr.rel.Version, &lr.rel.HWClass, &lr.rel.SecurityCounter, &lr.rel.KeyEpoch, &lr.rel.SHA256, &lr.rel.Length)
@@ -313,7 +313,7 @@ func (s *Store) Rollouts(ctx context.Context, states ...string) ([]rollout.Rollo
 			args = append(args, st)
 		}
 	}
-	rows, err := s.db.QueryContext(ctx, q+` ORDER BY r.created_at DESC, r.id DESC`, args...)
+	rows, err := s.db.QueryContext(ctx, q+` ORDER BY r.created_at DESC, r.rowid DESC`, args...)
 	if err != nil {
 		return nil, err
 	}

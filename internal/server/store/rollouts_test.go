@@ -486,10 +486,11 @@ func TestAbortPauseJoinAndNewerWins(t *testing.T) {
 	}
 	// Two rollouts aim at lock-038: the newer wins, the older does not
 	// apply to it while the newer lasts.
-	f.create(`{"id": "old", "release": "r2", "target": {"devices": ["lock-038"]}}`)
-	f.clock = f.clock.Add(time.Second)
-	f.create(`{"id": "new", "release": "r3", "target": {"devices": ["lock-038"]}, "phases": [{"percent": 100}]}`)
-	if u := f.poll("lock-038"); u == nil || u.RolloutID != "new" {
+	// In the same second, by name the older would sort last: creation
+	// order decides.
+	f.create(`{"id": "zz-old", "release": "r2", "target": {"devices": ["lock-038"]}}`)
+	f.create(`{"id": "aa-new", "release": "r3", "target": {"devices": ["lock-038"]}, "phases": [{"percent": 100}]}`)
+	if u := f.poll("lock-038"); u == nil || u.RolloutID != "aa-new" {
 		t.Fatalf("the newer rollout did not win: %+v", u)
 	}
 }

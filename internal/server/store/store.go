@@ -894,7 +894,7 @@ func (s *Store) RecordReport(ctx context.Context, deviceID string, r proto.Repor
 // Updates lists a device's update attempts, newest first.
 func (s *Store) Updates(ctx context.Context, deviceID string) ([]Update, error) {
 	rows, err := s.db.QueryContext(ctx, `SELECT id, device_id, rollout_id, release_id, status, progress, reason, log_tail, updated_at
-		FROM updates WHERE device_id = ? ORDER BY created_at DESC, id DESC`, deviceID)
+		FROM updates WHERE device_id = ? ORDER BY created_at DESC, rowid DESC`, deviceID)
 	if err != nil {
 		return nil, err
 	}
