@@ -3,9 +3,12 @@ package attacks
 import (
 	"crypto"
 	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/device/boot"
+	"github.com/fieldpatch/fieldpatch/internal/device/link"
 	"github.com/fieldpatch/fieldpatch/internal/device/tufclient"
 	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -580,3 +584,31 @@ func pemOf(t *testing.T, pub crypto.PublicKey) string {
 }
 
 func loadKey(path string) (crypto.Signer, error) { return trust.LoadPrivateKey(path) }
+
+// An impostor with a server certificate from the same CA but for another
+// name: the device checks the name (or IP address) of the server in its
+// bundle, so the handshake fails and nothing is asked of the impostor.
+func TestAttackImpostorServerSameCA(t *testing.T) {
+	s := newScene(t)
+	cert, _, err := s.w.srv.CA.LoadOrCreateServerCert(t.TempDir(), []string{"impostor.example"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	asked := false
+	imp := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { asked = true }))
+	imp.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+	imp.StartTLS()
+	defer imp.Close()
+	bundle := filepath.Join(s.d.dir, "bundle")
+	b, _ := os.ReadFile(filepath.Join(bundle, "bundle.json"))
+	os.WriteFile(filepath.Join(bundle, "bundle.json"), []byte(strings.Replace(string(b), s.w.url, imp.URL, 1)), 0o600)
+	l, err := link.Open(bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = l.CheckIn(s.w.ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: hw})
+	var host x509.HostnameError
+	if !errors.As(err, &host) || asked {
+		t.Fatalf("the impostor was accepted (asked=%v): %v", asked, err)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -104,6 +105,11 @@ func Open(dir string) (*Link, error) {
 	if err != nil {
 		return nil, fmt.Errorf("provisioning bundle %s: %w", dir, err)
 	}
+	su, err := url.Parse(bun.Server)
+	if err != nil || su.Hostname() == "" {
+		return nil, fmt.Errorf("provisioning bundle %s: server %q is not a URL", dir, bun.Server)
+	}
+	serverName := su.Hostname()
 	l := &Link{Bundle: bun, cert: cert, leaf: leaf, Clock: newClock(dir, leaf.NotBefore)}
 	tr := &http.Transport{
 		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, ClientSessionCache: tls.NewLRUClientSessionCache(4),
@@ -111,7 +117,7 @@ func Open(dir string) (*Link, error) {
 			// clock, not the raw one (a device at 1970 or years ahead).
 			InsecureSkipVerify: true,
 			VerifyConnection: func(cs tls.ConnectionState) error {
-				return l.verifyServer(cs, pool)
+				return l.verifyServer(cs, pool, serverName)
 			},
 			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 				l.mu.Lock()
@@ -132,7 +138,7 @@ func Open(dir string) (*Link, error) {
 // server name, at the trusted time; if that fails, at the floor (the last
 // time the device knows was real): a device whose clock runs years ahead
 // still reaches its server and learns the time from it.
-func (l *Link) verifyServer(cs tls.ConnectionState, pool *x509.CertPool) error {
+func (l *Link) verifyServer(cs tls.ConnectionState, pool *x509.CertPool, serverName string) error {
 	if len(cs.PeerCertificates) == 0 {
 		return errors.New("the server sent no certificate")
 	}
@@ -140,7 +146,9 @@ func (l *Link) verifyServer(cs tls.ConnectionState, pool *x509.CertPool) error {
 	for _, c := range cs.PeerCertificates[1:] {
 		inter.AddCert(c)
 	}
-	opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: cs.ServerName, CurrentTime: l.Clock.Now()}
+	// The name (or IP address) checked is the bundle's server, always: an
+	// IP address sends no SNI, and an empty name would check none.
+	opts := x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: serverName, CurrentTime: l.Clock.Now()}
 	_, err := cs.PeerCertificates[0].Verify(opts)
 	if err == nil {
 		return nil
@@ -168,8 +176,14 @@ func (o *observer) CloseIdleConnections() {
 
 func (o *observer) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := o.base.RoundTrip(req)
-	if err == nil {
+	// Only an answer over the verified TLS link vouches for the time, and
+	// never past the server certificate's expiry (so a wrong Date cannot
+	// push the floor where that certificate no longer verifies).
+	if err == nil && resp.TLS != nil && len(resp.TLS.PeerCertificates) > 0 {
 		if t, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
+			if na := resp.TLS.PeerCertificates[0].NotAfter; t.After(na) {
+				t = na
+			}
 			o.clock.Observe(t)
 		}
 	}
