@@ -268,6 +268,24 @@ func TestAttackEndlessData(t *testing.T) {
 	s.d.mitm.set("timestamp.json", make([]byte, tufclient.DefaultLimits.Timestamp+1))
 	refused[*metadata.ErrDownloadLengthMismatch](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
 	s.d.mitm.clear()
+	// With the online keys: a timestamp that gives the snapshot a huge
+	// length, and a huge snapshot. The device's own limit still holds.
+	ts := s.onlineTimestamp(t)
+	ts.Signed.Version++
+	snapMeta := metadata.MetaFile(ts.Signed.Meta["snapshot.json"].Version + 1)
+	snapMeta.Length = 1 << 40
+	ts.Signed.Meta["snapshot.json"] = snapMeta
+	s.d.mitm.set("timestamp.json", sign(t, ts, s.onlineKey(t, metadata.TIMESTAMP)))
+	s.d.mitm.set(versioned(snapMeta.Version, metadata.SNAPSHOT), make([]byte, 2<<20))
+	refused[*metadata.ErrDownloadLengthMismatch](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
+	s.d.mitm.clear()
+	// And a timestamp that names no snapshot at all: refused, no crash.
+	ts = s.onlineTimestamp(t)
+	ts.Signed.Version += 2
+	delete(ts.Signed.Meta, "snapshot.json")
+	s.d.mitm.set("timestamp.json", sign(t, ts, s.onlineKey(t, metadata.TIMESTAMP)))
+	refused[*metadata.ErrRepository](t, s.d, func() error { _, err := s.d.r.CheckOffer(s.w.ctx, s.o); return err })
+	s.d.mitm.clear()
 	s.d.mitm.blob = func(b []byte) []byte { return append(b, make([]byte, 1<<20)...) }
 	refused[*agent.TooLargeError](t, s.d, func() error {
 		return s.d.r.Fetcher.Fetch(s.w.ctx, s.d.link.URL(s.o.URL), filepath.Join(t.TempDir(), "staged"), v.Size, nil)

@@ -503,7 +503,9 @@ func (r *Runner) trustedKeys() ([]crypto.PublicKey, error) {
 	if r.KeysFile != "" {
 		more, err := boot.LoadKeysFile(r.KeysFile)
 		if err != nil {
-			r.log().Warn("ignoring the image keys learned from TUF", "err", err)
+			// Its revocations cannot be known: verify nothing rather than
+			// trust a key it may revoke.
+			return nil, fmt.Errorf("image keys learned from signed metadata: %w", err)
 		}
 		all = boot.MergeKeys(all, more)
 	}

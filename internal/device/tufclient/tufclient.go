@@ -28,6 +28,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -38,6 +39,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/atomicfile"
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
 // Limits bound what the client downloads.
@@ -95,10 +97,11 @@ func classify(op string, err error) *Error {
 	var dl *metadata.ErrDownload
 	var dh *metadata.ErrDownloadHTTP
 	var slow *SlowError
-	network := errors.As(err, &dl) || errors.As(err, &slow) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
-	if errors.As(err, &dh) {
-		network = dh.StatusCode >= 500 || dh.StatusCode == http.StatusTooManyRequests || dh.StatusCode == http.StatusServiceUnavailable
-	}
+	var long *metadata.ErrDownloadLengthMismatch
+	// A failed, refused, cut-off or slow transfer is tried again later; what
+	// is refused for good is metadata that arrived and does not verify.
+	network := errors.As(err, &dl) || errors.As(err, &dh) || errors.As(err, &slow) || errors.As(err, &long) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 	var netErr interface{ Timeout() bool }
 	if errors.As(err, &netErr) {
 		network = true
@@ -162,6 +165,11 @@ func (c *Client) learnKeys(up *updater.Updater) error {
 	if err := json.Unmarshal(*t.Custom, &cu); err != nil || cu.Format != "image-keys" {
 		return &Error{Op: "image keys", Err: fmt.Errorf("target %s: not an image-keys document", proto.ImageKeysTarget), security: true}
 	}
+	for i, k := range cu.ImageKeys {
+		if _, err := trust.ParsePublicKeyPEM([]byte(k.PEM)); err != nil {
+			return &Error{Op: "image keys", Err: fmt.Errorf("key %d: %w", i+1, err), security: true}
+		}
+	}
 	doc, _ := json.MarshalIndent(map[string]any{"keys": cu.ImageKeys}, "", "  ")
 	if old, err := os.ReadFile(c.KeysFile); err == nil && string(old) == string(doc) {
 		return nil
@@ -223,13 +231,24 @@ func (c *Client) Refresh(ctx context.Context) (*updater.Updater, error) {
 		now = c.Now
 	}
 	up.UnsafeSetRefTime(now().UTC())
-	if err := up.Refresh(); err != nil {
+	if err := refresh(up); err != nil {
 		return nil, classify("refresh", err)
 	}
 	if err := c.persist(up, f.got); err != nil {
 		return nil, &Error{Op: "persist", Err: err}
 	}
 	return up, nil
+}
+
+// refresh runs the updater, turning a panic inside it (metadata shaped
+// so that go-tuf dereferences nil) into a refusal rather than a crash.
+func refresh(up *updater.Updater) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = &metadata.ErrRepository{Msg: fmt.Sprintf("metadata the TUF client could not handle: %v", p)}
+		}
+	}()
+	return up.Refresh()
 }
 
 // persist writes what the updater now trusts, from the bytes it was given
@@ -261,7 +280,17 @@ func (c *Client) persist(up *updater.Updater, got map[string][]byte) error {
 	}
 	if t.Timestamp != nil {
 		if b := got["timestamp.json"]; b != nil {
-			if md, err := metadata.Timestamp().FromBytes(b); err == nil && md.Signed.Version == t.Timestamp.Signed.Version {
+			cached := int64(0)
+			if old, err := os.ReadFile(filepath.Join(c.Dir, "timestamp.json")); err == nil {
+				if md, err := metadata.Timestamp().FromBytes(old); err == nil {
+					cached = md.Signed.Version
+				}
+			}
+			// Written only when go-tuf took it: not when the cache holds the
+			// same version (the download was then discarded for the cache);
+			// yes when the cache holds another (older, or one set aside after
+			// a key rotation, as in fast-forward recovery).
+			if md, err := metadata.Timestamp().FromBytes(b); err == nil && md.Signed.Version == t.Timestamp.Signed.Version && md.Signed.Version != cached {
 				return write("timestamp.json", b)
 			}
 		}
@@ -286,6 +315,20 @@ type fetcher struct {
 
 func (f *fetcher) DownloadFile(urlPath string, maxLength int64, _ time.Duration) ([]byte, error) {
 	name := path.Base(urlPath)
+	// go-tuf passes the lengths signed metadata gives; they never exceed
+	// this device's own limit for the role.
+	limit := f.lim.Targets
+	switch {
+	case strings.HasSuffix(name, ".root.json"):
+		limit = f.lim.Root
+	case name == "timestamp.json":
+		limit = f.lim.Timestamp
+	case strings.HasSuffix(name, ".snapshot.json"):
+		limit = f.lim.Snapshot
+	}
+	if maxLength <= 0 || maxLength > limit {
+		maxLength = limit
+	}
 	b, err := f.c.get(f.ctx, name, maxLength, f.lim)
 	if err != nil {
 		return nil, err
