@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	be "encoding/binary"
 	"encoding/json"
@@ -15,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fieldpatch/fieldpatch/internal/trust"
 )
 
 // inCohort is the cohort rule docs/OPERATIONS.md gives: the first 53 bits
@@ -445,6 +448,17 @@ func TestOnlineTUF(t *testing.T) {
 		len(st.Targets) != 1 || st.Targets[0] != "lock/2.0.0.img" {
 		t.Fatalf("status after the rotations: %+v", st)
 	}
+	// A broken-into server slips targets of its own (signed with a key of
+	// its own) under the operator's next signature: the CLI checks what it
+	// is given against the pinned root and refuses to sign on it.
+	forgeTargets(t, srv.dataDir, mustKey(t), d.v2)
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	srv.cmd.Wait()
+	srv = startServer(t, srv.dataDir, strings.TrimPrefix(srv.url, "https://"), "--rollout-tick=200ms")
+	cmd := exec.Command(srv.bin, "trust", "publish", "lock-2.0.0", "--keys", keys, "--server", srv.url, "--data-dir", srv.dataDir)
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "not signed by the targets keys") {
+		t.Fatalf("publish on forged targets: %v\n%s", err, out)
+	}
 	// One root key lost: revoked, two of three remain (threshold 2).
 	lost := st.Roles["root"].KeyIDs[0]
 	if out := srv.run("trust", "revoke", lost[:10], "--keys", keys); !strings.Contains(out, "published root v5 without key "+lost[:12]+" (root)") {
@@ -460,4 +474,13 @@ func TestOnlineTUF(t *testing.T) {
 			t.Errorf("%s not published: %v", f, err)
 		}
 	}
+}
+
+func mustKey(t *testing.T) crypto.Signer {
+	t.Helper()
+	k, err := trust.GenerateKey(trust.KeyEd25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

@@ -21,7 +21,9 @@ import (
 	"time"
 
 	"github.com/theupdateframework/go-tuf/v2/metadata"
+	"github.com/theupdateframework/go-tuf/v2/metadata/trustedmetadata"
 
+	"github.com/fieldpatch/fieldpatch/internal/atomicfile"
 	"github.com/fieldpatch/fieldpatch/internal/cli"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
@@ -166,8 +168,18 @@ func rolePubs(root *metadata.Metadata[metadata.RootType], role string) ([]crypto
 	return out, nil
 }
 
-// tufRemote is the server's TUF side as the CLI uses it.
-type tufRemote struct{ r *remote }
+// tufRemote is the server's TUF side as the CLI uses it. The server is
+// not trusted: the root it returns is checked against the root pinned in
+// the keys directory (root.json, the last one signed or checked here),
+// walking the chain of roots from it, and targets are checked against
+// that root, so the offline keys never sign anything the server slipped
+// in. A keys directory without a pin trusts the server's root once, and
+// says so.
+type tufRemote struct {
+	r    *remote
+	pins string // the keys directory
+	warn io.Writer
+}
 
 func (t tufRemote) status(ctx context.Context) (repo.Status, error) {
 	var st repo.Status
@@ -175,20 +187,93 @@ func (t tufRemote) status(ctx context.Context) (repo.Status, error) {
 	return st, err
 }
 
-func (t tufRemote) root(ctx context.Context) (*metadata.Metadata[metadata.RootType], error) {
+func (t tufRemote) fetch(ctx context.Context, path string) ([]byte, error) {
 	var raw bytes.Buffer
-	if err := t.r.doRaw(ctx, "GET", mgmtapi.PathTUF+"/root", nil, &raw); err != nil {
-		return nil, err
-	}
-	return metadata.Root().FromBytes(raw.Bytes())
+	err := t.r.doRaw(ctx, "GET", path, nil, &raw)
+	return raw.Bytes(), err
 }
 
-func (t tufRemote) targets(ctx context.Context) (*metadata.Metadata[metadata.TargetsType], error) {
-	var raw bytes.Buffer
-	if err := t.r.doRaw(ctx, "GET", mgmtapi.PathTUF+"/targets", nil, &raw); err != nil {
+func (t tufRemote) pin(role string, raw []byte) error {
+	if err := os.MkdirAll(t.pins, 0o700); err != nil {
+		return cli.Failed(err)
+	}
+	if err := atomicfile.Write(filepath.Join(t.pins, role+".json"), raw, 0o600); err != nil {
+		return cli.Failed(err)
+	}
+	return nil
+}
+
+func sameSigned[T metadata.Roles](a, b *metadata.Metadata[T]) bool {
+	x, _ := json.Marshal(a.Signed)
+	y, _ := json.Marshal(b.Signed)
+	return bytes.Equal(x, y)
+}
+
+// root returns the server's current root once it checks out against the
+// pinned one, and pins it.
+func (t tufRemote) root(ctx context.Context) (*metadata.Metadata[metadata.RootType], error) {
+	raw, err := t.fetch(ctx, mgmtapi.PathTUF+"/root")
+	if err != nil {
 		return nil, err
 	}
-	return metadata.Targets().FromBytes(raw.Bytes())
+	md, err := metadata.Root().FromBytes(raw)
+	if err != nil {
+		return nil, cli.Refused(fmt.Errorf("the server's root: %w", err))
+	}
+	pinned, err := os.ReadFile(filepath.Join(t.pins, "root.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		if t.warn != nil {
+			fmt.Fprintf(t.warn, "warning: %s holds no pinned root; trusting the server's root v%d from now on\n", t.pins, md.Signed.Version)
+		}
+		return md, t.pin(metadata.ROOT, raw)
+	}
+	if err != nil {
+		return nil, cli.Failed(err)
+	}
+	trusted, err := trustedmetadata.New(pinned)
+	if err != nil {
+		return nil, cli.Failed(fmt.Errorf("the pinned root %s: %w", filepath.Join(t.pins, "root.json"), err))
+	}
+	pv := trusted.Root.Signed.Version
+	if md.Signed.Version < pv {
+		return nil, cli.Refused(fmt.Errorf("the server's root v%d is older than the one pinned here (v%d): refusing to sign on it", md.Signed.Version, pv))
+	}
+	for v := pv + 1; v <= md.Signed.Version; v++ {
+		b, err := t.fetch(ctx, fmt.Sprintf("%s/root?version=%d", mgmtapi.PathTUF, v))
+		if err != nil {
+			return nil, err
+		}
+		if _, err := trusted.UpdateRoot(b); err != nil {
+			return nil, cli.Refused(fmt.Errorf("the server's root v%d does not follow from the pinned v%d: %w", v, v-1, err))
+		}
+	}
+	if !sameSigned(trusted.Root, md) {
+		return nil, cli.Refused(fmt.Errorf("the server's root v%d is not the one the chain from the pinned root leads to: refusing to sign on it", md.Signed.Version))
+	}
+	return md, t.pin(metadata.ROOT, raw)
+}
+
+// targets returns the server's current targets once they check out: signed
+// by a threshold of the targets keys root names, not older than the
+// pinned targets.
+func (t tufRemote) targets(ctx context.Context, root *metadata.Metadata[metadata.RootType]) (*metadata.Metadata[metadata.TargetsType], error) {
+	raw, err := t.fetch(ctx, mgmtapi.PathTUF+"/targets")
+	if err != nil {
+		return nil, err
+	}
+	md, err := metadata.Targets().FromBytes(raw)
+	if err != nil {
+		return nil, cli.Refused(fmt.Errorf("the server's targets: %w", err))
+	}
+	if err := root.VerifyDelegate(metadata.TARGETS, md); err != nil {
+		return nil, cli.Refused(fmt.Errorf("the server's targets v%d are not signed by the targets keys: refusing to sign on them: %w", md.Signed.Version, err))
+	}
+	if pinned, err := os.ReadFile(filepath.Join(t.pins, "targets.json")); err == nil {
+		if old, err := metadata.Targets().FromBytes(pinned); err == nil && old.Signed.Version > md.Signed.Version {
+			return nil, cli.Refused(fmt.Errorf("the server's targets v%d are older than those pinned here (v%d)", md.Signed.Version, old.Signed.Version))
+		}
+	}
+	return md, nil
 }
 
 // editTargets changes the current targets with the offline targets keys
@@ -206,7 +291,7 @@ func (t tufRemote) editTargets(ctx context.Context, kdir string, expires time.Du
 	if err != nil {
 		return 0, err
 	}
-	targets, err := t.targets(ctx)
+	targets, err := t.targets(ctx, root)
 	if err != nil {
 		return 0, err
 	}
@@ -221,10 +306,13 @@ func (t tufRemote) editTargets(ctx context.Context, kdir string, expires time.Du
 	return t.put(ctx, metadata.TARGETS, raw)
 }
 
+// put publishes metadata signed here, and pins it.
 func (t tufRemote) put(ctx context.Context, role string, raw []byte) (int64, error) {
 	var p mgmtapi.Published
-	err := t.r.do(ctx, "PUT", mgmtapi.PathTUF+"/"+role, bytes.NewReader(raw), &p)
-	return p.Version, err
+	if err := t.r.do(ctx, "PUT", mgmtapi.PathTUF+"/"+role, bytes.NewReader(raw), &p); err != nil {
+		return 0, err
+	}
+	return p.Version, t.pin(role, raw)
 }
 
 func runTrustInit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -250,7 +338,7 @@ signed targets; "fieldpatch trust publish" puts releases there.`)
 	if *rootT < 1 || *rootT > *rootN || *targT < 1 || *targT > *targN {
 		return cli.Usagef("each threshold must be at least 1 and at most the number of keys")
 	}
-	t := tufRemote{r}
+	t := tufRemote{r: r, pins: *kdir, warn: stderr}
 	st, err := t.status(ctx)
 	if err != nil {
 		return err
@@ -302,7 +390,7 @@ func runTrustStatus(ctx context.Context, args []string, stdout, stderr io.Writer
 	if err != nil {
 		return err
 	}
-	st, err := tufRemote{r}.status(ctx)
+	st, err := tufRemote{r: r}.status(ctx)
 	if err != nil {
 		return err
 	}
@@ -361,7 +449,7 @@ has a TUF root, only published releases are offered to devices.`)
 		return cli.Failed(err)
 	}
 	var name string
-	v, err := tufRemote{r}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
 		var err error
 		name, err = repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
 			SecurityCounter: rel.SecurityCounter, KeyEpoch: max(rel.KeyEpoch, uint32(*keyEpoch)), Downgrade: *down})
@@ -398,7 +486,7 @@ then on devices refuse targets metadata signed by the old keys.`,
 		if err != nil {
 			return err
 		}
-		t := tufRemote{r}
+		t := tufRemote{r: r, pins: *kdir, warn: stderr}
 		st, err := t.status(ctx)
 		if err != nil {
 			return err
@@ -414,6 +502,13 @@ then on devices refuse targets metadata signed by the old keys.`,
 		oldRootKeys, err := k.signersFor(root, metadata.ROOT)
 		if err != nil {
 			return err
+		}
+		var targets *metadata.Metadata[metadata.TargetsType]
+		if role == metadata.TARGETS {
+			// Checked against the root that signs them now, before it changes.
+			if targets, err = t.targets(ctx, root); err != nil {
+				return err
+			}
 		}
 		cur := root.Signed.Roles[role]
 		if *n == 0 {
@@ -468,10 +563,6 @@ then on devices refuse targets metadata signed by the old keys.`,
 		}
 		fmt.Fprintf(stdout, "published root v%d with %d new %s keys (%d of %d)\n", v, *n, role, *thr, *n)
 		if role == metadata.TARGETS {
-			targets, err := t.targets(ctx)
-			if err != nil {
-				return err
-			}
 			if *exp == 0 {
 				*exp = 90 * 24 * time.Hour
 			}
@@ -511,7 +602,7 @@ aside when they see the new root, and recover.`)
 	if err != nil {
 		return err
 	}
-	t := tufRemote{r}
+	t := tufRemote{r: r, pins: *kdir, warn: stderr}
 	root, err := t.root(ctx)
 	if err != nil {
 		return err
@@ -590,7 +681,7 @@ revoked. Rotating a leaked image key:
 		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
 	}
 	var keys []proto.ImageKey
-	v, err := tufRemote{r}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
 		if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
 			var c proto.TargetCustom
 			json.Unmarshal(*cur.Custom, &c)
@@ -642,7 +733,7 @@ instead, use rotate-root or rotate-targets. KEYID is the key's TUF ID (from
 	if err != nil {
 		return err
 	}
-	t := tufRemote{r}
+	t := tufRemote{r: r, pins: *kdir, warn: stderr}
 	root, err := t.root(ctx)
 	if err != nil {
 		return err

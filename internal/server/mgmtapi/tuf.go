@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 
@@ -43,6 +44,24 @@ func (a *API) tufCurrent(w http.ResponseWriter, r *http.Request) {
 	role := r.PathValue("role")
 	if role != metadata.ROOT && role != metadata.TARGETS {
 		fail(w, http.StatusNotFound, "role "+role+": want root or targets")
+		return
+	}
+	if !onlyParams(w, r, "version") {
+		return
+	}
+	if v := r.URL.Query().Get("version"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 1 {
+			fail(w, http.StatusBadRequest, "version "+v+": want a number from 1")
+			return
+		}
+		b, err := a.Repo.File(fmt.Sprintf("%d.%s.json", n, role))
+		if err != nil {
+			fail(w, http.StatusNotFound, fmt.Sprintf("no %s version %d", role, n))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(b)
 		return
 	}
 	b, err := a.Repo.Current(role)
