@@ -76,6 +76,10 @@ type Repo struct {
 	targetRaw []byte
 	snapshot  *metadata.Metadata[metadata.SnapshotType]
 	timestamp *metadata.Metadata[metadata.TimestampType]
+	// stale: the current targets do not verify under the current root (a
+	// root that changed the targets keys, waiting for targets re-signed
+	// with them): nothing is offered meanwhile.
+	stale bool
 }
 
 // Open opens (creating the online keys on first use) the repository in dir.
@@ -86,30 +90,63 @@ func Open(dir string) (*Repo, error) {
 			return nil, err
 		}
 	}
-	for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
-		path := filepath.Join(dir, "keys", role)
-		k, err := trust.LoadPrivateKey(path + ".pem")
-		if errors.Is(err, os.ErrNotExist) {
-			_, priv, gerr := ed25519.GenerateKey(rand.Reader)
-			if gerr != nil {
-				return nil, gerr
-			}
-			if _, _, err = trust.WriteKeyPair(path, priv); err != nil {
-				return nil, fmt.Errorf("online %s key: %w", role, err)
-			}
-			k = priv
-		} else if err != nil {
-			return nil, fmt.Errorf("online %s key: %w", role, err)
-		}
-		r.online[role] = k
+	if err := r.load(); err != nil {
+		return nil, err
 	}
+	keys := filepath.Join(dir, "keys")
 	r.next = map[string]crypto.Signer{}
 	for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
-		if k, err := trust.LoadPrivateKey(filepath.Join(dir, "keys", "next-"+role+".pem")); err == nil {
+		if k, err := trust.LoadPrivateKey(filepath.Join(keys, role+".pem")); err == nil {
+			r.online[role] = k
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("online %s key: %w", role, err)
+		}
+		if k, err := trust.LoadPrivateKey(filepath.Join(keys, "next-"+role+".pem")); err == nil {
 			r.next[role] = k
 		}
 	}
-	return r, r.load()
+	switch {
+	case r.root != nil && r.names(r.root, r.next):
+		// A root naming the new online keys was published, and the server
+		// stopped before they took over: finish that now.
+		if err := r.promote(); err != nil {
+			return nil, err
+		}
+	case r.root != nil && len(r.online) < 2:
+		return nil, fmt.Errorf("the online keys in %s are missing: restore them from a backup, or publish a root naming new ones (fieldpatch trust rotate-online)", keys)
+	}
+	if r.root == nil {
+		for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
+			if r.online[role] != nil {
+				continue
+			}
+			_, priv, err := ed25519.GenerateKey(rand.Reader)
+			if err != nil {
+				return nil, err
+			}
+			if _, _, err := trust.WriteKeyPair(filepath.Join(keys, role), priv); err != nil {
+				return nil, fmt.Errorf("online %s key: %w", role, err)
+			}
+			r.online[role] = priv
+		}
+	}
+	return r, nil
+}
+
+// names says whether a root gives the snapshot and timestamp roles exactly
+// these keys, threshold 1.
+func (r *Repo) names(md *metadata.Metadata[metadata.RootType], keys map[string]crypto.Signer) bool {
+	if len(keys) != 2 {
+		return false
+	}
+	for role, k := range keys {
+		id, err := KeyID(k.Public())
+		rl := md.Signed.Roles[role]
+		if err != nil || rl == nil || rl.Threshold != 1 || len(rl.KeyIDs) != 1 || rl.KeyIDs[0] != id {
+			return false
+		}
+	}
+	return true
 }
 
 // RotateOnline makes new snapshot and timestamp keys (once; asked again,
@@ -149,11 +186,19 @@ func (r *Repo) promote() error {
 	for role, k := range r.next {
 		keys := filepath.Join(r.dir, "keys")
 		stamp := strconv.FormatInt(r.Now().Unix(), 10)
+		// Each step can be repeated after a crash: an old key already
+		// retired, or a next key already in place, is skipped.
 		for _, ext := range []string{".pem", ".pub.pem"} {
-			if err := os.Rename(filepath.Join(keys, role+ext), filepath.Join(keys, "retired-"+stamp+"-"+role+ext)); err != nil {
-				return err
+			cur, next := filepath.Join(keys, role+ext), filepath.Join(keys, "next-"+role+ext)
+			if _, err := os.Stat(next); err != nil {
+				continue
 			}
-			if err := os.Rename(filepath.Join(keys, "next-"+role+ext), filepath.Join(keys, role+ext)); err != nil {
+			if _, err := os.Stat(cur); err == nil {
+				if err := os.Rename(cur, filepath.Join(keys, "retired-"+stamp+"-"+role+ext)); err != nil {
+					return err
+				}
+			}
+			if err := os.Rename(next, cur); err != nil {
 				return err
 			}
 		}
@@ -210,6 +255,9 @@ func (r *Repo) load() error {
 		if r.timestamp, err = metadata.Timestamp().FromBytes(b); err != nil {
 			return err
 		}
+	}
+	if r.root != nil && r.targets != nil {
+		r.stale = r.root.VerifyDelegate(metadata.TARGETS, r.targets) != nil
 	}
 	return nil
 }
@@ -270,23 +318,10 @@ func (r *Repo) PublishRoot(data []byte) (int64, error) {
 	if !md.Signed.ConsistentSnapshot {
 		return 0, errors.New("root: consistent_snapshot must be true")
 	}
-	names := func(keys map[string]crypto.Signer) bool {
-		if len(keys) != 2 {
-			return false
-		}
-		for role, k := range keys {
-			id, err := KeyID(k.Public())
-			rl := md.Signed.Roles[role]
-			if err != nil || rl == nil || rl.Threshold != 1 || len(rl.KeyIDs) != 1 || rl.KeyIDs[0] != id {
-				return false
-			}
-		}
-		return true
-	}
 	promote := false
 	switch {
-	case names(r.online):
-	case names(r.next):
+	case r.names(md, r.online):
+	case r.names(md, r.next):
 		promote = true
 	default:
 		return 0, errors.New("root: the snapshot and timestamp roles must each have exactly this server's online key (or the new ones from a rotation), threshold 1")
@@ -298,6 +333,7 @@ func (r *Repo) PublishRoot(data []byte) (int64, error) {
 		return 0, err
 	}
 	r.root, r.rootRaw = md, data
+	r.stale = r.targets != nil && md.VerifyDelegate(metadata.TARGETS, r.targets) != nil
 	if promote {
 		if err := r.promote(); err != nil {
 			return 0, err
@@ -361,6 +397,7 @@ func (r *Repo) PublishTargets(data []byte, check TargetCheck) (int64, error) {
 		return 0, err
 	}
 	r.targets, r.targetRaw = md, data
+	r.stale = false
 	return md.Signed.Version, r.publishOnline(r.Now())
 }
 
@@ -532,8 +569,14 @@ func (r *Repo) Target(path string) (*metadata.TargetFiles, bool) {
 // metadata); afterwards only as a target with the release's length and
 // SHA-256, since devices check every offer against the signed targets.
 func (r *Repo) Offerable(hwClass, version string, length int64, sha256Hex string) bool {
-	if !r.Initialized() {
+	r.mu.Lock()
+	init, stale := r.root != nil, r.stale
+	r.mu.Unlock()
+	if !init {
 		return true
+	}
+	if stale {
+		return false // devices would refuse targets the root no longer vouches for
 	}
 	t, ok := r.Target(TargetName(hwClass, version))
 	return ok && t.Length == length && hex.EncodeToString(t.Hashes["sha256"]) == sha256Hex

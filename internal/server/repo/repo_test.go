@@ -5,7 +5,10 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -204,5 +207,86 @@ func TestRefreshAtHalfLife(t *testing.T) {
 	}
 	if st2, _ := r2.Status(); st2.Roles[metadata.TIMESTAMP].Version != 2 || st2.OnlineKeys[metadata.SNAPSHOT].Value.PublicKey != st.OnlineKeys[metadata.SNAPSHOT].Value.PublicKey {
 		t.Fatalf("reopened: %+v", st2)
+	}
+}
+
+// A server that stops after publishing a root that names new online keys,
+// before they took over, finishes the change when it starts again; one
+// whose online keys are gone refuses to start rather than make new ones no
+// root names.
+func TestOnlineKeyRotationSurvivesACrash(t *testing.T) {
+	o := setup(t)
+	next, err := o.r.RotateOnline()
+	if err != nil {
+		t.Fatal(err)
+	}
+	md, _ := metadata.Root().FromBytes(mustCurrent(t, o.r, metadata.ROOT))
+	Bump(md, time.Now().Add(time.Hour))
+	Rekey(md, RootKeys{Root: o.rootPub, RootThreshold: 2, Targets: o.targetPub, TargetsThreshold: 1, Online: next})
+	raw, _ := Sign(md, o.root[0], o.root[1])
+	// The root is on disk; the server died before the keys moved.
+	if err := o.r.write("2.root.json", raw); err != nil {
+		t.Fatal(err)
+	}
+	r2, err := Open(o.r.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := r2.OnlineKeys()
+	for role, k := range next {
+		want, _ := k.ID()
+		if id, _ := got[role].ID(); id != want {
+			t.Fatalf("%s: online key %s after the restart, want %s", role, id, want)
+		}
+	}
+	r2.Now = func() time.Time { return time.Now().Add(DefaultSnapshotLifetime) }
+	if did, err := r2.Refresh(); err != nil || !did {
+		t.Fatalf("signing with the new keys: %v %v", did, err)
+	}
+	os.Remove(filepath.Join(o.r.dir, "keys", "snapshot.pem"))
+	if _, err := Open(o.r.dir); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("a missing online key: %v", err)
+	}
+}
+
+// Between a root that changes the targets keys and the targets re-signed
+// with them, nothing is offered (devices would refuse the old targets).
+func TestNothingOfferedWhileTargetsAreStale(t *testing.T) {
+	o := setup(t)
+	sum := sha256.Sum256([]byte("image"))
+	md, _ := metadata.Targets().FromBytes(mustCurrent(t, o.r, metadata.TARGETS))
+	Bump(md, time.Now().Add(time.Hour))
+	SetTarget(md, 5, sum[:], proto.TargetCustom{Version: "2.0.0", HWClass: "lock", SecurityCounter: 2})
+	raw, _ := Sign(md, o.targets...)
+	if _, err := o.r.PublishTargets(raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	offerable := func() bool { return o.r.Offerable("lock", "2.0.0", 5, hex.EncodeToString(sum[:])) }
+	if !offerable() {
+		t.Fatal("a published release is not offerable")
+	}
+	fresh, freshPub := keys(t, 1)
+	online, _ := o.r.OnlineKeys()
+	root, _ := metadata.Root().FromBytes(mustCurrent(t, o.r, metadata.ROOT))
+	Bump(root, time.Now().Add(time.Hour))
+	Rekey(root, RootKeys{Root: o.rootPub, RootThreshold: 2, Targets: freshPub, TargetsThreshold: 1, Online: online})
+	rraw, _ := Sign(root, o.root[0], o.root[1])
+	if _, err := o.r.PublishRoot(rraw); err != nil {
+		t.Fatal(err)
+	}
+	if offerable() {
+		t.Fatal("offerable while the targets are signed by keys the root no longer names")
+	}
+	if r2, _ := Open(o.r.dir); r2.Offerable("lock", "2.0.0", 5, hex.EncodeToString(sum[:])) {
+		t.Fatal("offerable after a restart while the targets are stale")
+	}
+	md, _ = metadata.Targets().FromBytes(mustCurrent(t, o.r, metadata.TARGETS))
+	Bump(md, time.Now().Add(time.Hour))
+	raw, _ = Sign(md, fresh...)
+	if _, err := o.r.PublishTargets(raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !offerable() {
+		t.Fatal("not offerable once the targets are re-signed")
 	}
 }
