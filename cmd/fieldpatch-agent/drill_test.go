@@ -5,11 +5,18 @@ import (
 	"context"
 	"crypto"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -57,49 +64,113 @@ func TestDrillLeakedTargetsKey(t *testing.T) {
 	})
 	l.wait()
 
-	// The attacker: targets signed with the leaked key listing v3, and a
-	// snapshot and timestamp signed with the server's own online keys,
-	// written into the server's repository; the server restarted offers v3.
+	// The attacker has broken into the server: with its TLS key, its
+	// online TUF keys and the leaked targets key, it stops the real server
+	// and answers in its place, offering v3 with targets signed by the
+	// leaked key (and snapshot and timestamp by the online keys). The real
+	// server would not offer them: its targets no longer verify.
 	v3 := filepath.Join(t.TempDir(), "v3.img")
 	os.WriteFile(v3, buildImage(t, "3.0.0", 3, 64<<10), 0o644)
-	srv.run("release", "upload", "--id", "lock-3.0.0", v3)
 	forgeTargets(t, srv.dataDir, leaked, v3)
 	srv.cmd.Process.Signal(syscall.SIGTERM)
 	srv.cmd.Wait()
-	srv = startServer(t, srv.dataDir, addr, "--rollout-tick=200ms")
-	srv.run("rollout", "create", "lock-3.0.0", "--id", "v3", "--group", "fleet", "--min-sample", "100", "--start")
+	imp := startImpostor(t, srv.dataDir, addr, v3)
 	startLives(t, agentBin, devs)
 	deadline := time.Now().Add(90 * time.Second)
-	for {
-		done := true
-		for _, d := range ids {
-			if lastUpdate(srv.device(d)) != "failed" {
-				done = false
-			}
-		}
-		if done {
-			break
-		}
+	for imp.refusals() < len(ids) {
 		if time.Now().After(deadline) {
 			for _, d := range ids {
-				dv := srv.device(d)
 				log, _ := os.ReadFile(filepath.Join(devs[d].dir, "state", "update.log"))
-				t.Logf("%s: %+v\n%s", d, dv, log[max(0, len(log)-1500):])
+				t.Logf("%s:\n%s", d, log[max(0, len(log)-800):])
 			}
-			t.Fatal("timed out waiting for every device to refuse v3")
+			t.Fatalf("%d of %d devices refused v3 in time", imp.refusals(), len(ids))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	for _, d := range ids {
-		dv := srv.device(d)
-		if dv.Version != "2.0.0" || !strings.Contains(dv.Updates[0].Reason, "refused before download: tuf") {
-			t.Errorf("%s: version %s, reason %q", d, dv.Version, dv.Updates[0].Reason)
+		why := imp.reason(d)
+		if !strings.Contains(why, "refused before download: tuf") || !strings.Contains(why, "targets") {
+			t.Errorf("%s refused with %q", d, why)
 		}
-		// Nothing was downloaded: the slot holding 1.0.0 (a) is as it was.
+		// Nothing was downloaded or installed: it runs 2.0.0 from slot b.
 		if _, f := devs[d].status(); f.Booted != "b" || f.RunningVersion != "2.0.0" {
 			t.Errorf("%s: running %s from %s", d, f.RunningVersion, f.Booted)
 		}
 	}
+	if n := imp.downloads.Load(); n != 0 {
+		t.Errorf("%d downloads of the impostor's image", n)
+	}
+}
+
+// impostor answers devices in the real server's place, as an attacker with
+// its keys would: an offer of an image for every check-in, its metadata
+// files, and a record of the reports it gets.
+type impostor struct {
+	mu        sync.Mutex
+	reports   map[string]string // device -> reason of its failed report
+	downloads atomic.Int64
+}
+
+func (i *impostor) refusals() int { i.mu.Lock(); defer i.mu.Unlock(); return len(i.reports) }
+
+func (i *impostor) reason(dev string) string { i.mu.Lock(); defer i.mu.Unlock(); return i.reports[dev] }
+
+func startImpostor(t *testing.T, dataDir, addr, img string) *impostor {
+	t.Helper()
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dataDir, "pki", "server.pem"), filepath.Join(dataDir, "pki", "server.key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := os.ReadFile(filepath.Join(dataDir, "pki", "ca.pem"))
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	b, _ := os.ReadFile(img)
+	sum := sha256.Sum256(b)
+	i := &impostor{reports: map[string]string{}}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /api/v1/checkin", func(w http.ResponseWriter, r *http.Request) {
+		dev := r.TLS.PeerCertificates[0].Subject.CommonName
+		json.NewEncoder(w).Encode(map[string]any{"next_poll_seconds": 1, "offer": map[string]any{
+			"update_id": "evil-" + dev, "url": "/api/v1/blobs/" + hex.EncodeToString(sum[:]),
+			"target": map[string]any{"name": "lock/3.0.0.img", "length": len(b), "hashes": map[string]string{"sha256": hex.EncodeToString(sum[:])},
+				"custom": map[string]any{"version": "3.0.0", "security_counter": 3, "hw_class": "lock", "format": "mcuboot"}}}})
+	})
+	mux.HandleFunc("GET /api/v1/tuf/{file}", func(w http.ResponseWriter, r *http.Request) {
+		http.ServeFile(w, r, filepath.Join(dataDir, "tuf", "metadata", filepath.Base(r.PathValue("file"))))
+	})
+	mux.HandleFunc("GET /api/v1/blobs/{sum}", func(w http.ResponseWriter, r *http.Request) {
+		i.downloads.Add(1)
+		w.Write(b)
+	})
+	mux.HandleFunc("POST /api/v1/reports", func(w http.ResponseWriter, r *http.Request) {
+		var rep struct {
+			ReportID string `json:"report_id"`
+			UpdateID string `json:"update_id"`
+			Status   string `json:"status"`
+			Reason   string `json:"reason"`
+		}
+		json.NewDecoder(r.Body).Decode(&rep)
+		if rep.Status == "failed" {
+			i.mu.Lock()
+			i.reports[strings.TrimPrefix(rep.UpdateID, "evil-")] = rep.Reason
+			i.mu.Unlock()
+		}
+		json.NewEncoder(w).Encode(map[string]any{"report_id": rep.ReportID, "stored": true})
+	})
+	var ln net.Listener
+	for range 50 { // the real server's port, once it has let go of it
+		if ln, err = net.Listen("tcp", addr); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: mux, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool, MinVersion: tls.VersionTLS13}}
+	go hs.ServeTLS(ln, "", "")
+	t.Cleanup(func() { hs.Close() })
+	return i
 }
 
 // forgeTargets writes into a server's repository targets (next version)
