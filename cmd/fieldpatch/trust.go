@@ -276,18 +276,29 @@ func (t tufRemote) targets(ctx context.Context, root *metadata.Metadata[metadata
 	return md, nil
 }
 
-// editTargets changes the current targets with the offline targets keys
-// in kdir: edit, next version, new expiry, signed, published.
-func (t tufRemote) editTargets(ctx context.Context, kdir string, expires time.Duration, edit func(*metadata.Metadata[metadata.TargetsType]) error) (int64, error) {
+// signing returns the server's root, checked against the pin, the offline
+// keys held in the keys directory, and those of them that sign for role
+// (at least its threshold).
+func (t tufRemote) signing(ctx context.Context, role string) (*metadata.Metadata[metadata.RootType], *offlineKeys, []crypto.Signer, error) {
 	root, err := t.root(ctx)
 	if err != nil {
-		return 0, err
+		return nil, nil, nil, err
 	}
-	k, err := loadOfflineKeys(kdir)
+	k, err := loadOfflineKeys(t.pins)
 	if err != nil {
-		return 0, err
+		return nil, nil, nil, err
 	}
-	signers, err := k.signersFor(root, metadata.TARGETS)
+	signers, err := k.signersFor(root, role)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return root, k, signers, nil
+}
+
+// editTargets changes the current targets with the offline targets keys:
+// edit, next version, new expiry, signed, published.
+func (t tufRemote) editTargets(ctx context.Context, expires time.Duration, edit func(*metadata.Metadata[metadata.TargetsType]) error) (int64, error) {
+	root, _, signers, err := t.signing(ctx, metadata.TARGETS)
 	if err != nil {
 		return 0, err
 	}
@@ -449,7 +460,7 @@ has a TUF root, only published releases are offered to devices.`)
 		return cli.Failed(err)
 	}
 	var name string
-	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
 		var err error
 		name, err = repo.SetTarget(targets, rel.Length, sum, proto.TargetCustom{Version: rel.Version, HWClass: rel.HWClass,
 			SecurityCounter: rel.SecurityCounter, KeyEpoch: max(rel.KeyEpoch, uint32(*keyEpoch)), Downgrade: *down})
@@ -491,15 +502,7 @@ then on devices refuse targets metadata signed by the old keys.`,
 		if err != nil {
 			return err
 		}
-		root, err := t.root(ctx)
-		if err != nil {
-			return err
-		}
-		k, err := loadOfflineKeys(*kdir)
-		if err != nil {
-			return err
-		}
-		oldRootKeys, err := k.signersFor(root, metadata.ROOT)
+		root, k, oldRootKeys, err := t.signing(ctx, metadata.ROOT)
 		if err != nil {
 			return err
 		}
@@ -603,15 +606,7 @@ aside when they see the new root, and recover.`)
 		return err
 	}
 	t := tufRemote{r: r, pins: *kdir, warn: stderr}
-	root, err := t.root(ctx)
-	if err != nil {
-		return err
-	}
-	k, err := loadOfflineKeys(*kdir)
-	if err != nil {
-		return err
-	}
-	rootKeys, err := k.signersFor(root, metadata.ROOT)
+	root, _, rootKeys, err := t.signing(ctx, metadata.ROOT)
 	if err != nil {
 		return err
 	}
@@ -681,7 +676,7 @@ revoked. Rotating a leaked image key:
 		return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})), nil
 	}
 	var keys []proto.ImageKey
-	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *kdir, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
+	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
 		if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
 			var c proto.TargetCustom
 			json.Unmarshal(*cur.Custom, &c)
@@ -734,7 +729,7 @@ instead, use rotate-root or rotate-targets. KEYID is the key's TUF ID (from
 		return err
 	}
 	t := tufRemote{r: r, pins: *kdir, warn: stderr}
-	root, err := t.root(ctx)
+	root, k, oldRootKeys, err := t.signing(ctx, metadata.ROOT)
 	if err != nil {
 		return err
 	}
@@ -749,14 +744,6 @@ instead, use rotate-root or rotate-targets. KEYID is the key's TUF ID (from
 	}
 	if id == "" || len(pos[0]) < 8 {
 		return cli.Refused(fmt.Errorf("the root names no key %s (give at least 8 characters)", pos[0]))
-	}
-	k, err := loadOfflineKeys(*kdir)
-	if err != nil {
-		return err
-	}
-	oldRootKeys, err := k.signersFor(root, metadata.ROOT)
-	if err != nil {
-		return err
 	}
 	repo.Bump(root, time.Now().Add(365*24*time.Hour))
 	var roles []string
