@@ -25,8 +25,8 @@ func runRolloutCreate(ctx context.Context, args []string, stdout, stderr io.Writ
 		`Creates a staged rollout of RELEASE. The target is every device matching all
 the criteria given (--device and --group together are a union); devices that
 come to match later are picked up. Phases are cumulative percentages of the
-target; each but the last soaks for --soak before the next starts, and only
-when its gates pass. A tripped gate pauses the rollout (or aborts it, with
+target; each soaks for --soak before the next starts, and only when its
+gates pass (the soak gate stops watching once the last phase has soaked). A tripped gate pauses the rollout (or aborts it, with
 --on-trip abort). The rollout waits in state "created" until "fieldpatch
 rollout start", unless --start is given.
 
@@ -47,7 +47,7 @@ Example:
 	all := fs.Bool("all", false, "the whole fleet (of the release's hardware class)")
 	hw := fs.String("hw-class", "", "devices must be of this hardware class")
 	phases := fs.String("phases", "100", "cumulative percentages, e.g. 1,10,50,100")
-	soak := fs.Duration("soak", 0, "soak time of every phase but the last")
+	soak := fs.Duration("soak", 0, "soak time of every phase (on the last, how long the soak gate keeps watching)")
 	failRate := fs.Float64("max-failure-rate", rollout.DefaultMaxRate, "gate: failed / devices with an outcome")
 	rbRate := fs.Float64("max-rollback-rate", rollout.DefaultMaxRate, "gate: rolled back / devices with an outcome")
 	sickRate := fs.Float64("max-unhealthy-rate", rollout.DefaultMaxRate, "soak gate: unhealthy / committed devices")
@@ -111,7 +111,7 @@ Example:
 			s.Target.Attributes[k] = v
 		}
 		pcts := strings.Split(*phases, ",")
-		for i, p := range pcts {
+		for _, p := range pcts {
 			v, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(p), "%"), 64)
 			if err != nil {
 				return cli.Usagef("--phases %q: want percentages such as 1,10,50,100", *phases)
@@ -120,9 +120,7 @@ Example:
 				MinSample: minSample, HealthSlack: slack}}
 			sil := rollout.Duration(*silence)
 			ph.Gates.Silence = &sil
-			if i < len(pcts)-1 {
-				ph.Soak = rollout.Duration(*soak)
-			}
+			ph.Soak = rollout.Duration(*soak) // on the last phase: how long the soak gate keeps watching
 			s.Phases = append(s.Phases, ph)
 		}
 		if *startAt != "" {

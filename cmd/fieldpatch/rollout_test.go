@@ -47,7 +47,7 @@ func TestRolloutCLI(t *testing.T) {
 		t.Fatalf("list: %v %+v", err, list)
 	}
 	r := list[0]
-	if r.State != rollout.StateCreated || len(r.Spec.Phases) != 4 || r.Spec.Phases[0].Soak.D() != 2*time.Hour || r.Spec.Phases[3].Soak != 0 ||
+	if r.State != rollout.StateCreated || len(r.Spec.Phases) != 4 || r.Spec.Phases[0].Soak.D() != 2*time.Hour || r.Spec.Phases[3].Soak.D() != 2*time.Hour ||
 		*r.Spec.Phases[2].Gates.MaxRollbackRate != 0.02 || r.Spec.Schedule.Windows[0].Start != "22:00" || r.Spec.Schedule.Windows[0].Days[1] != "tue" ||
 		r.Spec.Limits.StartsPerMinute != 200 {
 		t.Fatalf("stored spec: %+v", r)

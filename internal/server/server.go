@@ -110,6 +110,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	// last_seen is kept to a tenth of the poll interval (at most a minute):
 	// a repeated check-in within that is answered without a write.
 	st.LastSeenResolution = min(c.PollInterval/10, time.Minute)
+	st.Log = lg
 	if c.Clock != nil {
 		st.SetClock(c.Clock)
 	}

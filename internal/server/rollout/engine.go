@@ -112,9 +112,14 @@ func (e *Engine) judge(ctx context.Context, r *Rollout, now time.Time) (*Event, 
 	if err != nil {
 		return nil, err
 	}
-	h, err := e.Backend.Health(ctx, r.Spec.ID, now, p.Gates)
-	if err != nil {
-		return nil, err
+	var h Health
+	// The soak gate watches until the last phase has soaked: after that
+	// the fleet's ordinary churn (devices retired, offline) is no reason
+	// to stop a finished rollout.
+	if !r.Final() || now.Before(r.PhaseStartedAt.Add(p.Soak.D())) {
+		if h, err = e.Backend.Health(ctx, r.Spec.ID, now, p.Gates); err != nil {
+			return nil, err
+		}
 	}
 	if why := Judge(p.Gates, all.Sub(r.Baseline.Stats), h.Sub(r.Baseline.Health)); why != "" {
 		ok, err := e.Backend.Trip(ctx, r.Spec.ID, r.Phase, r.Spec.OnTrip, why, now)

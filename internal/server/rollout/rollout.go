@@ -32,6 +32,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	_ "time/tzdata" // zones for maintenance windows, also on hosts without zoneinfo
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 )

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fieldpatch/fieldpatch/internal/image"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
 )
@@ -97,8 +98,15 @@ func (s *Store) liveRollouts(ctx context.Context) ([]*liveRollout, error) {
 		var lr liveRollout
 		var err error
 		lr.r, err = scanRollout(rows, &lr.rel.ID, &lr.rel.Version, &lr.rel.HWClass, &lr.rel.SecurityCounter, &lr.rel.KeyEpoch, &lr.rel.SHA256, &lr.rel.Length)
+		if err != nil {
+			// One rollout that cannot be read must not stop every offer.
+			if s.Log != nil {
+				s.Log.Error("rollout skipped", "err", err)
+			}
+			return nil
+		}
 		list = append(list, &lr)
-		return err
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -245,8 +253,8 @@ func (s *Store) Control(ctx context.Context, id, action, reason string) (*rollou
 		case ActionStart:
 			return startTx(ctx, tx, id, now)
 		case ActionPause:
-			return cas(`UPDATE rollouts SET state = 'paused', reason = ?, updated_at = ? WHERE id = ? AND state = 'active' AND phase = ?`,
-				"paused by an operator"+suffix(reason), now.Unix(), id, cur.Phase)
+			return cas(`UPDATE rollouts SET state = 'paused', reason = ?, updated_at = ? WHERE id = ? AND state = 'active'`,
+				"paused by an operator"+suffix(reason), now.Unix(), id)
 		case ActionResume:
 			if baseline == nil {
 				baseline = []byte(`{}`)
@@ -257,8 +265,8 @@ func (s *Store) Control(ctx context.Context, id, action, reason string) (*rollou
 			return cas(`UPDATE rollouts SET state = 'active', reason = '', baseline = ?, updated_at = ? WHERE id = ? AND state = 'paused' AND phase = ?`,
 				string(baseline), now.Unix(), id, cur.Phase)
 		case ActionAbort:
-			return cas(`UPDATE rollouts SET state = 'aborted', reason = ?, updated_at = ? WHERE id = ? AND state IN ('created', 'active', 'paused') AND phase = ?`,
-				"aborted by an operator"+suffix(reason), now.Unix(), id, cur.Phase)
+			return cas(`UPDATE rollouts SET state = 'aborted', reason = ?, updated_at = ? WHERE id = ? AND state IN ('created', 'active', 'paused')`,
+				"aborted by an operator"+suffix(reason), now.Unix(), id)
 		case ActionPromote:
 			if cur.Final() {
 				return fmt.Errorf("rollout %s is in its last phase: %w", id, ErrState)
@@ -536,10 +544,26 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 	}
 	now := s.now()
 	dev := rollout.Device{ID: deviceID, HWClass: st.hwClass, Version: st.version, Groups: st.groups, Tags: st.tags, Attributes: st.attributes, TimeZone: st.timeZone}
+	// An attempt in progress, under any active or paused rollout, is
+	// offered again first: the device may have restarted mid-update.
+	for _, u := range st.updates {
+		if proto.Final(u.status) {
+			continue
+		}
+		for _, lr := range live {
+			if lr.r.Spec.ID == u.rollout && lr.rel.ID == u.release {
+				rel := lr.rel
+				return &Update{ID: u.id, DeviceID: deviceID, RolloutID: u.rollout, ReleaseID: u.release, Status: u.status}, &rel, lr.r.Spec.Downgrade, nil
+			}
+		}
+	}
 	for _, lr := range live {
 		r := &lr.r
 		if lr.rel.HWClass != st.hwClass || !r.Spec.Target.Matches(&dev) {
 			continue
+		}
+		if !r.Spec.Downgrade && olderThan(lr.rel, st) {
+			continue // older than what it runs: this rollout is behind it
 		}
 		for _, u := range st.updates {
 			if u.release != lr.rel.ID {
@@ -558,6 +582,18 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 		return s.start(ctx, lr, deviceID, newID, now)
 	}
 	return nil, nil, false, nil
+}
+
+// olderThan says whether a release is older than what the device runs (a
+// lower security counter, or a lower version): without the downgrade mark
+// the device would refuse it.
+func olderThan(rel Release, st devState) bool {
+	if rel.SecurityCounter < st.securityCounter {
+		return true
+	}
+	rv, err1 := image.ParseSemVer(rel.Version)
+	dv, err2 := image.ParseSemVer(st.version)
+	return err1 == nil && err2 == nil && rv.Compare(dv) < 0
 }
 
 // start offers a rollout's release to a device for the first time, within

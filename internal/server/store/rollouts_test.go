@@ -621,3 +621,48 @@ func TestTripAborts(t *testing.T) {
 		t.Fatalf("resuming an aborted rollout: %v", err)
 	}
 }
+
+// A device never falls back to an older rollout's older release after it
+// updated past it; an attempt in progress is offered again even when a
+// newer rollout that offers nothing yet aims at the device; the hardware
+// class a device first reported stays.
+func TestOfferNeverGoesBackAndResumesAttempts(t *testing.T) {
+	f := newFleet(t, 2)
+	if err := f.s.AddRelease(f.ctx, Release{ID: "r3", Version: "3.0.0", HWClass: "lock", SecurityCounter: 2, SHA256: strings.Repeat("ef", 32), Length: 100}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.s.AddRelease(f.ctx, Release{ID: "r4", Version: "4.0.0", HWClass: "lock", SecurityCounter: 4, SHA256: strings.Repeat("12", 32), Length: 100}); err != nil {
+		t.Fatal(err)
+	}
+	f.create(`{"id": "to-2", "release": "r2", "target": {"all": true}}`)
+	f.clock = f.clock.Add(time.Second)
+	f.create(`{"id": "from-1-to-3", "release": "r3", "target": {"versions": ["1.0.0"]}}`)
+	u := f.poll("lock-000")
+	if u == nil || u.ReleaseID != "r3" {
+		t.Fatalf("first offer: %+v", u)
+	}
+	f.report("lock-000", u, proto.StatusCommitted)
+	f.checkIn("lock-000", "3.0.0")
+	if u := f.poll("lock-000"); u != nil {
+		t.Fatalf("on 3.0.0, offered %s from an older rollout", u.ReleaseID)
+	}
+
+	// lock-001 starts 3.0.0; then a newer rollout that starts later aims
+	// at it: its attempt in progress is still offered.
+	u1 := f.poll("lock-001")
+	if u1 == nil || u1.ReleaseID != "r3" {
+		t.Fatalf("lock-001: %+v", u1)
+	}
+	f.clock = f.clock.Add(time.Second)
+	f.create(fmt.Sprintf(`{"id": "later", "release": "r4", "target": {"devices": ["lock-001"]}, "schedule": {"start": %q}}`, f.clock.Add(24*time.Hour).Format(time.RFC3339)))
+	if again := f.poll("lock-001"); again == nil || again.ID != u1.ID {
+		t.Fatalf("the attempt in progress was not offered again: %+v", again)
+	}
+
+	if err := f.s.CheckIn(f.ctx, "lock-000", proto.CheckIn{Version: "3.0.0", Slot: "a", HWClass: "gate"}); err != nil {
+		t.Fatal(err)
+	}
+	if d, _ := f.s.GetDevice(f.ctx, "lock-000"); d.HWClass != "lock" {
+		t.Fatalf("hardware class changed to %s", d.HWClass)
+	}
+}

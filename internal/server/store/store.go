@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,6 +55,9 @@ type Store struct {
 	// (the server allows only releases published in its TUF targets once
 	// the repository has a root). Attempts already started go on.
 	Offerable func(*Release) bool
+
+	// Log, if set, hears about rollouts that cannot be read.
+	Log *slog.Logger
 
 	// LastSeenResolution: a check-in that repeats what the device last
 	// reported, less than this after its last stored check-in, is not
@@ -223,7 +227,10 @@ var migrations = []string{
 // Open opens (creating if needed) the database at path and applies pending
 // migrations.
 func Open(ctx context.Context, path string) (*Store, error) {
-	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)"
+	// Every transaction here writes: BEGIN IMMEDIATE takes the write lock
+	// first (waiting on the busy timeout), so one that reads before it
+	// writes never fails with a stale snapshot when another committed.
+	dsn := "file:" + path + "?_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)&_txlock=immediate"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, err
@@ -289,8 +296,9 @@ func (s *Store) Active(ctx context.Context, id string) error {
 type devState struct {
 	gen             uint64
 	exists, revoked bool
-	hwClass         string
+	hwClass         string // pinned by the device's first check-in
 	version         string
+	securityCounter uint32
 	timeZone        string
 	attributes      map[string]string
 	groups, tags    []string
@@ -340,8 +348,8 @@ func (s *Store) loadDeviceState(ctx context.Context, id string) (devState, error
 	var st devState
 	var revoked int64
 	var attrs string
-	err := s.queryRow(ctx, `SELECT revoked_at, hw_class, version, time_zone, attributes FROM devices WHERE id = ?`, id).
-		Scan(&revoked, &st.hwClass, &st.version, &st.timeZone, &attrs)
+	err := s.queryRow(ctx, `SELECT revoked_at, hw_class, version, security_counter, time_zone, attributes FROM devices WHERE id = ?`, id).
+		Scan(&revoked, &st.hwClass, &st.version, &st.securityCounter, &st.timeZone, &attrs)
 	if errors.Is(err, sql.ErrNoRows) {
 		return devState{}, nil
 	}
@@ -680,7 +688,7 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 			base_resets = CASE WHEN ` + newBase + ` THEN coalesce(?11, health_resets) ELSE base_resets END,
 			base_crashes = CASE WHEN ` + newBase + ` THEN coalesce(?12, health_crashes) ELSE base_crashes END,
 			health_resets = coalesce(?11, health_resets), health_crashes = coalesce(?12, health_crashes),
-			version = ?1, slot = ?2, hw_class = ?3, security_counter = ?4, key_epoch = ?5,
+			version = ?1, slot = ?2, hw_class = CASE WHEN hw_class = '' THEN ?3 ELSE hw_class END, security_counter = ?4, key_epoch = ?5,
 			time_zone = ?6, attributes = ?7, phase = ?8, last_seen = ?9 WHERE id = ?10`)
 		if err != nil {
 			return err
@@ -705,11 +713,16 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		return nil
 	})
 	if err == nil {
-		// What the device said is now its cached state too.
+		// What the device said is now its cached state too; a loader that
+		// read the row before this commit must not store its older copy.
 		s.cacheMu.Lock()
+		s.local.Add(1)
 		for i, r := range batch {
 			if st, ok := s.cache[r.id]; ok && errs[i] == nil {
-				st.hwClass, st.version, st.timeZone, st.attributes = r.c.HWClass, r.c.Version, r.c.TimeZone, r.c.Attributes
+				if st.hwClass == "" {
+					st.hwClass = r.c.HWClass // the first report pins it
+				}
+				st.version, st.timeZone, st.attributes, st.securityCounter = r.c.Version, r.c.TimeZone, r.c.Attributes, r.c.SecurityCounter
 				s.cache[r.id] = st
 			}
 		}
