@@ -383,6 +383,7 @@ func TestAttackRevokedImageKey(t *testing.T) {
 	v3 := rel{id: "v3", version: "3.0.0", counter: 3, hwClass: hw}
 	v3.img = s.w.buildImageSigned(v3.version, v3.counter, hw, old, fresh)
 	s.w.release(v3, true, func(c *proto.TargetCustom) { c.KeyEpoch = 1 })
+	s.d.report(s.o, proto.StatusFailed) // the scene's v2 attempt: set aside
 	s.w.assign("v3", s.d.id)
 	o := s.d.offer()
 	if o.Target.Name != repo.TargetName(hw, "3.0.0") {
@@ -398,6 +399,7 @@ func TestAttackRevokedImageKey(t *testing.T) {
 	if nv.KeyEpoch != 1 {
 		t.Fatalf("key epoch %d after committing the dual-signed release", nv.KeyEpoch)
 	}
+	s.d.report(o, proto.StatusCommitted)
 	// At install: v4 signed only by the old key, validly published.
 	v4 := rel{id: "v4", version: "4.0.0", counter: 4, hwClass: hw}
 	v4.img = s.w.buildImage(v4.version, v4.counter, hw, old)

@@ -146,6 +146,15 @@ func (d *device) offer() *proto.Offer {
 	return resp.Offer
 }
 
+// report tells the server the outcome of an offer (what the daemon would
+// send).
+func (d *device) report(o *proto.Offer, status string) {
+	d.t.Helper()
+	if err := d.link.Report(d.w.ctx, proto.Report{ReportID: o.UpdateID + "-" + status, UpdateID: o.UpdateID, Status: status}); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
 // take runs what the daemon does with an offer: check it against the
 // signed metadata and the device, then download, verify and install it.
 // nil means it was installed and armed (a reboot is due).
