@@ -20,10 +20,12 @@ type Rollout struct {
 	Baseline Baseline `json:"baseline,omitzero"`
 }
 
-// Baseline is a snapshot of a rollout's counts.
+// Baseline is what a resume acknowledged: the outcomes reported before At
+// and the devices then unhealthy are not judged again (devices, not
+// counts: a retried device that fails again after At counts again).
 type Baseline struct {
-	Stats  Stats  `json:"stats"`
-	Health Health `json:"health"`
+	At        time.Time `json:"at,omitzero"`
+	Unhealthy []string  `json:"unhealthy,omitempty"`
 }
 
 // Live says whether the rollout starts devices at now: active, and past
@@ -43,9 +45,10 @@ type Backend interface {
 	Rollouts(ctx context.Context, states ...string) ([]Rollout, error)
 	// Stats counts the rollout's devices; phase < 0 counts every phase.
 	Stats(ctx context.Context, id string, phase int) (Stats, error)
-	// Health counts the rollout's committed devices still on its release,
-	// and the unhealthy ones by the gates' rules, at now.
-	Health(ctx context.Context, id string, now time.Time, g Gates) (Health, error)
+	// GateCounts counts what the gates judge at now: outcomes since the
+	// baseline, and the health of committed devices still on the release
+	// (by the gates' rules) but those the baseline acknowledged.
+	GateCounts(ctx context.Context, r *Rollout, now time.Time, g Gates) (Stats, Health, error)
 	// CohortPending counts the devices of the phase's cohort that are
 	// neither up to date nor have an outcome.
 	CohortPending(ctx context.Context, r *Rollout, phase int) (int, error)
@@ -108,20 +111,17 @@ func (e *Engine) Tick(ctx context.Context) ([]Event, error) {
 
 func (e *Engine) judge(ctx context.Context, r *Rollout, now time.Time) (*Event, error) {
 	p := r.Spec.Phases[r.Phase]
-	all, err := e.Backend.Stats(ctx, r.Spec.ID, -1)
+	all, h, err := e.Backend.GateCounts(ctx, r, now, p.Gates)
 	if err != nil {
 		return nil, err
 	}
-	var h Health
 	// The soak gate watches until the last phase has soaked: after that
 	// the fleet's ordinary churn (devices retired, offline) is no reason
 	// to stop a finished rollout.
-	if !r.Final() || now.Before(r.PhaseStartedAt.Add(p.Soak.D())) {
-		if h, err = e.Backend.Health(ctx, r.Spec.ID, now, p.Gates); err != nil {
-			return nil, err
-		}
+	if r.Final() && !now.Before(r.PhaseStartedAt.Add(p.Soak.D())) {
+		h = Health{}
 	}
-	if why := Judge(p.Gates, all.Sub(r.Baseline.Stats), h.Sub(r.Baseline.Health)); why != "" {
+	if why := Judge(p.Gates, all, h); why != "" {
 		ok, err := e.Backend.Trip(ctx, r.Spec.ID, r.Phase, r.Spec.OnTrip, why, now)
 		if err != nil || !ok {
 			return nil, err

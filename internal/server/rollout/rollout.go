@@ -473,12 +473,6 @@ type Stats struct {
 // Outcomes is the devices with a final outcome.
 func (s Stats) Outcomes() int { return s.Committed + s.Failed + s.RolledBack }
 
-// Sub is s minus an earlier baseline (what an operator acknowledged).
-func (s Stats) Sub(b Stats) Stats {
-	return Stats{Started: max(s.Started-b.Started, 0), InProgress: s.InProgress, Committed: max(s.Committed-b.Committed, 0),
-		Failed: max(s.Failed-b.Failed, 0), RolledBack: max(s.RolledBack-b.RolledBack, 0)}
-}
-
 // Health counts committed devices still on the release, and those of them
 // that are unhealthy.
 type Health struct {
@@ -489,11 +483,6 @@ type Health struct {
 
 // Unhealthy is silent plus misbehaving devices.
 func (h Health) Unhealthy() int { return h.Silent + h.Misbehaving }
-
-// Sub is h minus an acknowledged baseline.
-func (h Health) Sub(b Health) Health {
-	return Health{Committed: h.Committed, Silent: max(h.Silent-b.Silent, 0), Misbehaving: max(h.Misbehaving-b.Misbehaving, 0)}
-}
 
 // Judge applies a phase's gates to the rollout's counts so far; it returns
 // why a gate trips, or "".

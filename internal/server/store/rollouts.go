@@ -258,7 +258,7 @@ func (s *Store) Control(ctx context.Context, id, action, reason string) (*rollou
 		case ActionResume:
 			if baseline == nil {
 				baseline = []byte(`{}`)
-				if cur.Baseline != (rollout.Baseline{}) {
+				if !cur.Baseline.At.IsZero() {
 					baseline, _ = json.Marshal(cur.Baseline)
 				}
 			}
@@ -292,13 +292,11 @@ func suffix(reason string) string {
 // gatePrefix starts the reason of a rollout a gate stopped.
 const gatePrefix = "gate: "
 
+// snapshot is what an operator acknowledges by resuming after a trip: the
+// outcomes so far, and the devices unhealthy now.
 func (s *Store) snapshot(ctx context.Context, r *rollout.Rollout, now time.Time) (rollout.Baseline, error) {
-	st, err := s.Stats(ctx, r.Spec.ID, -1)
-	if err != nil {
-		return rollout.Baseline{}, err
-	}
-	h, err := s.Health(ctx, r.Spec.ID, now, r.Spec.Phases[r.Phase].Gates)
-	return rollout.Baseline{Stats: st, Health: h}, err
+	_, sick, err := s.health(ctx, r.Spec.ID, now, r.Spec.Phases[r.Phase].Gates, nil)
+	return rollout.Baseline{At: now.Add(time.Second), Unhealthy: sick}, err
 }
 
 // GetRollout reads one rollout.
@@ -411,29 +409,79 @@ func (s *Store) Stats(ctx context.Context, id string, phase int) (rollout.Stats,
 // Health counts the rollout's committed devices still running its release
 // and not revoked, and those the gates call unhealthy at now.
 func (s *Store) Health(ctx context.Context, id string, now time.Time, g rollout.Gates) (rollout.Health, error) {
+	h, _, err := s.health(ctx, id, now, g, nil)
+	return h, err
+}
+
+// health counts as Health does, leaving out the devices in skip, and says
+// which devices it found unhealthy.
+func (s *Store) health(ctx context.Context, id string, now time.Time, g rollout.Gates, skip map[string]bool) (rollout.Health, []string, error) {
 	var h rollout.Health
+	var sick []string
 	silentBefore := now.Add(-g.Silence.D()).Unix()
 	slack := float64(*g.HealthSlack)
-	err := s.queryRows(ctx, `SELECT d.last_seen, d.health_resets - d.base_resets, d.health_crashes - d.base_crashes, d.prev_reset_rate, d.prev_crash_rate, d.base_at
+	err := s.queryRows(ctx, `SELECT d.id, d.last_seen, d.health_resets - d.base_resets, d.health_crashes - d.base_crashes, d.prev_reset_rate, d.prev_crash_rate, d.base_at
 		FROM updates u JOIN devices d ON d.id = u.device_id JOIN releases rel ON rel.id = u.release_id
 		WHERE u.rollout_id = ? AND u.status = 'committed' AND u.retired = 0 AND d.version = rel.version AND d.revoked_at = 0`, []any{id},
 		func(rows *sql.Rows) error {
+			var dev string
 			var seen, resets, crashes, baseAt int64
 			var resetRate, crashRate float64
-			if err := rows.Scan(&seen, &resets, &crashes, &resetRate, &crashRate, &baseAt); err != nil {
+			if err := rows.Scan(&dev, &seen, &resets, &crashes, &resetRate, &crashRate, &baseAt); err != nil {
 				return err
+			}
+			if skip[dev] {
+				return nil
 			}
 			h.Committed++
 			hours := float64(max(now.Unix()-baseAt, 0)) / 3600
 			switch {
 			case seen < silentBefore:
 				h.Silent++
+				sick = append(sick, dev)
 			case float64(resets) > resetRate*hours+slack || float64(crashes) > crashRate*hours+slack:
 				h.Misbehaving++
+				sick = append(sick, dev)
 			}
 			return nil
 		})
-	return h, err
+	return h, sick, err
+}
+
+// GateCounts are the counts a rollout's gates judge: outcomes reported
+// since the operator's last acknowledgement (a resume after a trip), and
+// the health of committed devices but those that were unhealthy then.
+func (s *Store) GateCounts(ctx context.Context, r *rollout.Rollout, now time.Time, g rollout.Gates) (rollout.Stats, rollout.Health, error) {
+	var st rollout.Stats
+	err := s.queryRows(ctx, `SELECT status, count(*) FROM updates WHERE rollout_id = ? AND retired = 0 AND updated_at >= ? GROUP BY status`,
+		[]any{r.Spec.ID, r.Baseline.At.Unix()}, func(rows *sql.Rows) error {
+			var status string
+			var n int
+			if err := rows.Scan(&status, &n); err != nil {
+				return err
+			}
+			switch status {
+			case proto.StatusCommitted:
+				st.Committed += n
+			case proto.StatusFailed:
+				st.Failed += n
+			case proto.StatusRolledBack:
+				st.RolledBack += n
+			default:
+				st.InProgress += n
+			}
+			st.Started += n
+			return nil
+		})
+	if err != nil {
+		return st, rollout.Health{}, err
+	}
+	skip := map[string]bool{}
+	for _, d := range r.Baseline.Unhealthy {
+		skip[d] = true
+	}
+	h, _, err := s.health(ctx, r.Spec.ID, now, g, skip)
+	return st, h, err
 }
 
 // targetDevices lists the devices a rollout aims at (not revoked, on the
