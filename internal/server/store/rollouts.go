@@ -420,15 +420,24 @@ func (s *Store) health(ctx context.Context, id string, now time.Time, g rollout.
 	var sick []string
 	silentBefore := now.Add(-g.Silence.D()).Unix()
 	slack := float64(*g.HealthSlack)
-	err := s.queryRows(ctx, `SELECT d.id, d.last_seen, d.health_resets - d.base_resets, d.health_crashes - d.base_crashes, d.prev_reset_rate, d.prev_crash_rate, d.base_at
+	err := s.queryRows(ctx, `SELECT d.id, d.last_seen, d.health_resets, d.base_resets, d.health_crashes, d.base_crashes, d.prev_reset_rate, d.prev_crash_rate, d.base_at
 		FROM updates u JOIN devices d ON d.id = u.device_id JOIN releases rel ON rel.id = u.release_id
 		WHERE u.rollout_id = ? AND u.status = 'committed' AND u.retired = 0 AND d.version = rel.version AND d.revoked_at = 0`, []any{id},
 		func(rows *sql.Rows) error {
 			var dev string
-			var seen, resets, crashes, baseAt int64
+			var seen, resets, baseResets, crashes, baseCrashes, baseAt int64
 			var resetRate, crashRate float64
-			if err := rows.Scan(&dev, &seen, &resets, &crashes, &resetRate, &crashRate, &baseAt); err != nil {
+			if err := rows.Scan(&dev, &seen, &resets, &baseResets, &crashes, &baseCrashes, &resetRate, &crashRate, &baseAt); err != nil {
 				return err
+			}
+			// What the device did on this version; nothing while its
+			// baseline is unknown (no counters since the version began).
+			resets, crashes = resets-baseResets, crashes-baseCrashes
+			if baseResets == unknownBase {
+				resets = 0
+			}
+			if baseCrashes == unknownBase {
+				crashes = 0
 			}
 			if skip[dev] {
 				return nil

@@ -699,3 +699,49 @@ func TestOfferNeverGoesBackAndResumesAttempts(t *testing.T) {
 		t.Fatalf("hardware class changed to %s", d.HWClass)
 	}
 }
+
+// Health baselines: resets counted on the new version stay counted when
+// the device's counter store is wiped; a version that starts without
+// counters takes its baseline from the first check-in that has them (the
+// update's own reboots are not charged to it).
+func TestHealthBaselines(t *testing.T) {
+	f := newFleet(t, 2)
+	f.create(`{"id": "ro", "release": "r2", "target": {"all": true}, "phases": [{"percent": 100, "gates": {"min_sample": 1}}]}`)
+	gates := f.get("ro").Spec.Phases[0].Gates
+	health := func() rollout.Health {
+		t.Helper()
+		h, err := f.s.Health(f.ctx, "ro", f.clock, gates)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	a, b := f.ids[0], f.ids[1]
+	ua := f.poll(a)
+	f.report(a, ua, proto.StatusCommitted) // on 2.0.0, counters 0
+	f.clock = f.clock.Add(time.Minute)
+	f.health[a].WatchdogResets = 3
+	f.checkIn(a, "2.0.0")
+	if h := health(); h.Misbehaving != 1 {
+		t.Fatalf("three resets on the new version: %+v", h)
+	}
+	f.health[a].WatchdogResets = 0 // its counter store was wiped
+	f.checkIn(a, "2.0.0")
+	if h := health(); h.Misbehaving != 1 {
+		t.Fatalf("the resets were forgotten when the counters went down: %+v", h)
+	}
+
+	// b: the update's reboots happen before it reports counters again.
+	ub := f.poll(b)
+	if _, err := f.s.RecordReport(f.ctx, b, proto.Report{ReportID: "b-done", UpdateID: ub.ID, Status: proto.StatusCommitted}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.s.CheckIn(f.ctx, b, proto.CheckIn{Version: "2.0.0", Slot: "b", HWClass: "lock"}); err != nil { // no counters
+		t.Fatal(err)
+	}
+	f.health[b].WatchdogResets = 4 // the update's reboots, counted by the device
+	f.checkIn(b, "2.0.0")
+	if h := health(); h.Misbehaving != 1 || h.Committed != 2 {
+		t.Fatalf("the update's own reboots were charged to the new version: %+v", h)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -667,10 +668,32 @@ func (s *Store) startBatcher() {
 
 const maxCheckinBatch = 256
 
-// newBase says when a check-in starts a new health baseline: a new
-// version, the first check-in, or counters that went down (the device's
-// store was reset).
-const newBase = `(version <> ?1 OR base_at = 0 OR coalesce(?11, health_resets) < base_resets OR coalesce(?12, health_crashes) < base_crashes)`
+// Health baselines. A device's version starts a baseline (base_at, and
+// the counters then); the counters it reports later, minus the baseline,
+// are what it did on that version. A version change without counters
+// leaves the baseline unknown (unknownBase) until the first check-in that
+// carries them, so the reboots of the update itself are not charged to
+// the new version. Counters that go down (the device's counter store was
+// wiped) keep what was counted so far: the baseline moves down with them.
+const (
+	unknownBase = -(1 << 62)
+	newVersion  = `(version <> ?1 OR base_at = 0)`
+)
+
+// baseSQL is the new baseline of one counter: col is health_resets or
+// health_crashes, base its baseline column, arg the check-in's value.
+func baseSQL(col, base, arg string) string {
+	return `CASE WHEN ` + newVersion + ` THEN coalesce(` + arg + `, ` + strconv.Itoa(unknownBase) + `)
+		WHEN ` + base + ` = ` + strconv.Itoa(unknownBase) + ` THEN coalesce(` + arg + `, ` + strconv.Itoa(unknownBase) + `)
+		WHEN ` + arg + ` IS NOT NULL AND ` + arg + ` < ` + col + ` THEN ` + arg + ` - (` + col + ` - ` + base + `)
+		ELSE ` + base + ` END`
+}
+
+// rateSQL is the per-hour rate of a counter over the version that ends.
+func rateSQL(col, base, prev string) string {
+	return `CASE WHEN version <> ?1 AND version <> '' AND base_at > 0 AND ` + base + ` <> ` + strconv.Itoa(unknownBase) + `
+		THEN max(` + col + ` - ` + base + `, 0) * 3600.0 / max(?9 - base_at, 60) ELSE ` + prev + ` END`
+}
 
 func (s *Store) commitCheckins(batch []*checkinReq) {
 	errs := make([]error, len(batch))
@@ -680,13 +703,11 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		// soak gate compares against it). SQLite's UPDATE reads every
 		// column's old value, whatever the order of the assignments.
 		stmt, err := tx.Prepare(`UPDATE devices SET
-			prev_reset_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
-				THEN max(health_resets - base_resets, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_reset_rate END,
-			prev_crash_rate = CASE WHEN version <> ?1 AND version <> '' AND base_at > 0
-				THEN max(health_crashes - base_crashes, 0) * 3600.0 / max(?9 - base_at, 60) ELSE prev_crash_rate END,
-			base_at = CASE WHEN ` + newBase + ` THEN ?9 ELSE base_at END,
-			base_resets = CASE WHEN ` + newBase + ` THEN coalesce(?11, health_resets) ELSE base_resets END,
-			base_crashes = CASE WHEN ` + newBase + ` THEN coalesce(?12, health_crashes) ELSE base_crashes END,
+			prev_reset_rate = ` + rateSQL("health_resets", "base_resets", "prev_reset_rate") + `,
+			prev_crash_rate = ` + rateSQL("health_crashes", "base_crashes", "prev_crash_rate") + `,
+			base_at = CASE WHEN ` + newVersion + ` THEN ?9 ELSE base_at END,
+			base_resets = ` + baseSQL("health_resets", "base_resets", "?11") + `,
+			base_crashes = ` + baseSQL("health_crashes", "base_crashes", "?12") + `,
 			health_resets = coalesce(?11, health_resets), health_crashes = coalesce(?12, health_crashes),
 			version = ?1, slot = ?2, hw_class = CASE WHEN hw_class = '' THEN ?3 ELSE hw_class END, security_counter = ?4, key_epoch = ?5,
 			time_zone = ?6, attributes = ?7, phase = ?8, last_seen = ?9 WHERE id = ?10`)
