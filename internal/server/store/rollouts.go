@@ -626,11 +626,10 @@ func (s *Store) Offer(ctx context.Context, deviceID string, newID func() string)
 			if u.release != lr.rel.ID {
 				continue
 			}
-			if proto.Final(u.status) {
-				return nil, nil, false, nil
-			}
-			rel := lr.rel
-			return &Update{ID: u.id, DeviceID: deviceID, RolloutID: u.rollout, ReleaseID: u.release, Status: u.status}, &rel, r.Spec.Downgrade, nil
+			// Finished, or in progress under an aborted rollout (the device
+			// goes on by its own rules, and that outcome is the aborted
+			// rollout's): nothing new to offer.
+			return nil, nil, false, nil
 		}
 		if st.version == lr.rel.Version || !r.Live(now) || !r.Spec.InPhase(r.Phase, deviceID) ||
 			!r.Spec.Schedule.WindowOpen(st.timeZone, now, s.zones.Get) || s.Offerable != nil && !s.Offerable(&lr.rel) {

@@ -495,6 +495,13 @@ func TestAbortPauseJoinAndNewerWins(t *testing.T) {
 	if got := f.pollAll(nil); len(got) != 0 {
 		t.Fatalf("offered after the abort: %v", got)
 	}
+	// A new rollout of the same release: the device mid-update under the
+	// aborted one is not offered anything (its attempt is that rollout's).
+	f.clock = f.clock.Add(time.Second)
+	f.create(`{"id": "again", "release": "r2", "target": {"groups": ["fleet"]}}`)
+	if u := f.poll(mid); u != nil {
+		t.Fatalf("mid-update under the aborted rollout, offered %+v", u)
+	}
 	f.report(mid, midU, proto.StatusCommitted) // it finished by its own rules
 	if ups, _ := f.s.Updates(f.ctx, mid); ups[0].Status != proto.StatusCommitted {
 		t.Fatalf("the outcome after the abort: %+v", ups)
