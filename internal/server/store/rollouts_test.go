@@ -752,3 +752,47 @@ func TestHealthBaselines(t *testing.T) {
 		t.Fatalf("the update's own reboots were charged to the new version: %+v", h)
 	}
 }
+
+// A version that ran only briefly (a trial that rolled back after resets)
+// does not become the device's "old rate": a retry of it is judged against
+// the rate of the version the device really ran.
+func TestBriefVersionKeepsTheOldRate(t *testing.T) {
+	f := newFleet(t, 1)
+	id := f.ids[0]
+	f.clock = f.clock.Add(10 * time.Hour)
+	f.health[id].WatchdogResets = 1 // one reset in 10 hours on 1.0.0
+	f.checkIn(id, "1.0.0")
+	f.create(`{"id": "ro", "release": "r2", "target": {"all": true}, "phases": [{"percent": 100, "gates": {"min_sample": 1}}]}`)
+	gates := f.get("ro").Spec.Phases[0].Gates
+	// 2.0.0 on trial: five resets in ten minutes, then back to 1.0.0.
+	u := f.poll(id)
+	f.checkIn(id, "2.0.0")
+	f.clock = f.clock.Add(10 * time.Minute)
+	f.health[id].WatchdogResets = 6
+	f.checkIn(id, "2.0.0")
+	f.report(id, u, proto.StatusRolledBack)
+	f.checkIn(id, "1.0.0")
+	f.clock = f.clock.Add(time.Minute)
+	f.health[id].WatchdogResets = 7 // the reboot back, a minute on 1.0.0
+	f.checkIn(id, "1.0.0")
+	// Retried: committed; two resets in the next hour.
+	if err := f.s.Retry(f.ctx, id, "r2"); err != nil {
+		t.Fatal(err)
+	}
+	f.clock = f.clock.Add(time.Minute)
+	u2 := f.poll(id)
+	if u2 == nil {
+		t.Fatal("not offered again after the retry")
+	}
+	f.report(id, u2, proto.StatusCommitted)
+	f.clock = f.clock.Add(time.Hour)
+	f.health[id].WatchdogResets = 9
+	f.checkIn(id, "2.0.0")
+	h, err := f.s.Health(f.ctx, "ro", f.clock, gates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Misbehaving != 1 {
+		t.Fatalf("two resets in an hour, against one in ten hours before: %+v", h)
+	}
+}

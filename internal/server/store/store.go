@@ -689,11 +689,19 @@ func baseSQL(col, base, arg string) string {
 		ELSE ` + base + ` END`
 }
 
-// rateSQL is the per-hour rate of a counter over the version that ends.
+// rateSQL is the per-hour rate of a counter over the version that ends,
+// when it ran for at least minRatePeriod: a version that only ran briefly
+// (a trial rolled back) does not replace the rate of the one before, so a
+// retry of a bad version is not judged against its own bad rate.
 func rateSQL(col, base, prev string) string {
 	return `CASE WHEN version <> ?1 AND version <> '' AND base_at > 0 AND ` + base + ` <> ` + strconv.Itoa(unknownBase) + `
-		THEN max(` + col + ` - ` + base + `, 0) * 3600.0 / max(?9 - base_at, 60) ELSE ` + prev + ` END`
+		AND ?9 - base_at >= ` + strconv.Itoa(int(minRatePeriod.Seconds())) + `
+		THEN max(` + col + ` - ` + base + `, 0) * 3600.0 / (?9 - base_at) ELSE ` + prev + ` END`
 }
+
+// minRatePeriod is how long a version must have run for its rate of
+// resets and crashes to become a device's "old rate".
+const minRatePeriod = time.Hour
 
 func (s *Store) commitCheckins(batch []*checkinReq) {
 	errs := make([]error, len(batch))
