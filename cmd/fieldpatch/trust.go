@@ -146,12 +146,29 @@ func (k *offlineKeys) retire(root *metadata.Metadata[metadata.RootType]) ([]stri
 		}
 		base := strings.TrimSuffix(filepath.Base(f), ".pem")
 		for _, ext := range []string{".pem", ".pub.pem"} {
-			os.Rename(filepath.Join(k.dir, base+ext), filepath.Join(k.dir, "retired", base+ext))
+			if err := os.Rename(filepath.Join(k.dir, base+ext), filepath.Join(k.dir, "retired", base+ext)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return moved, err
+			}
 		}
 		delete(k.keys, id)
 		moved = append(moved, base)
 	}
 	return moved, nil
+}
+
+// keysOf is who signs for each role in root, as it stands (with the given
+// online keys): the start of the next root, before one role is changed.
+func keysOf(root *metadata.Metadata[metadata.RootType], online map[string]*metadata.Key) (repo.RootKeys, error) {
+	rootPubs, err := rolePubs(root, metadata.ROOT)
+	if err != nil {
+		return repo.RootKeys{}, err
+	}
+	targetPubs, err := rolePubs(root, metadata.TARGETS)
+	if err != nil {
+		return repo.RootKeys{}, err
+	}
+	return repo.RootKeys{Root: rootPubs, RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
+		Targets: targetPubs, TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: online}, nil
 }
 
 // rolePubs are the public keys a root names for a role (whoever holds
@@ -527,16 +544,10 @@ then on devices refuse targets metadata signed by the old keys.`,
 		if err != nil {
 			return err
 		}
-		rootPubs, err := rolePubs(root, metadata.ROOT)
+		rk, err := keysOf(root, st.OnlineKeys)
 		if err != nil {
 			return err
 		}
-		targetPubs, err := rolePubs(root, metadata.TARGETS)
-		if err != nil {
-			return err
-		}
-		rk := repo.RootKeys{Root: rootPubs, RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
-			Targets: targetPubs, TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: st.OnlineKeys}
 		signers := oldRootKeys
 		switch role {
 		case metadata.ROOT:
@@ -614,16 +625,10 @@ aside when they see the new root, and recover.`)
 	if err := r.do(ctx, "POST", mgmtapi.PathTUF+"/online-keys", nil, &online); err != nil {
 		return err
 	}
-	rootPubs, err := rolePubs(root, metadata.ROOT)
+	rk, err := keysOf(root, online)
 	if err != nil {
 		return err
 	}
-	targetPubs, err := rolePubs(root, metadata.TARGETS)
-	if err != nil {
-		return err
-	}
-	rk := repo.RootKeys{Root: rootPubs, RootThreshold: root.Signed.Roles[metadata.ROOT].Threshold,
-		Targets: targetPubs, TargetsThreshold: root.Signed.Roles[metadata.TARGETS].Threshold, Online: online}
 	repo.Bump(root, time.Now().Add(365*24*time.Hour))
 	if err := repo.Rekey(root, rk); err != nil {
 		return cli.Failed(err)
@@ -679,7 +684,9 @@ revoked. Rotating a leaked image key:
 	v, err := tufRemote{r: r, pins: *kdir, warn: stderr}.editTargets(ctx, *targExp, func(targets *metadata.Metadata[metadata.TargetsType]) error {
 		if cur := targets.Signed.Targets[proto.ImageKeysTarget]; cur != nil && cur.Custom != nil {
 			var c proto.TargetCustom
-			json.Unmarshal(*cur.Custom, &c)
+			if err := json.Unmarshal(*cur.Custom, &c); err != nil {
+				return cli.Refused(fmt.Errorf("the published image keys: %w", err))
+			}
 			keys = c.ImageKeys
 		}
 		find := func(p string) int {
