@@ -66,6 +66,9 @@ var commands = []command{
 	{"api-token list", "list API tokens", runAPITokenList},
 	{"api-token revoke", "stop an API token from working", runAPITokenRevoke},
 	{"audit", "print the audit log of management changes", runAudit},
+	{"simulate payload", "write the payload of a simulated firmware (how virtual devices running it behave)", runSimulatePayload},
+	{"simulate", "run a fleet of virtual devices (real agent and boot selector) against a server, with faults", runSimulate},
+	{"demo", "tell the whole story on this machine: a fleet, a bad release caught, a good one rolled out through faults", runDemo},
 	{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 		fmt.Fprintln(stdout, "fieldpatch", version)
 		return nil

@@ -63,6 +63,8 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	certLife := fs.Duration("device-cert-lifetime", 0, "validity of device certificates (default 8760h); agents renew at a third left")
 	tick := fs.Duration("rollout-tick", 0, "how often rollouts' gates are judged and phases advanced (default 10s)")
+	maxConns := fs.Int("max-conns", 0, "connections held at once; more wait to be accepted (default 10000)")
+	timeScale := fs.Float64("time-scale", 1, "run rollout scheduling (soak, windows, rate limits, silence) this many times faster than real time: for fleet simulations only")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err
 	}
@@ -89,6 +91,13 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	cfg.DeviceCertLifetime = *certLife
 	if *tick != 0 {
 		cfg.RolloutTick = *tick
+	}
+	cfg.MaxConns = *maxConns
+	if *timeScale <= 0 {
+		return cli.Usagef("--time-scale must be positive")
+	}
+	if *timeScale != 1 {
+		cfg.Clock = scaledClock(*timeScale)
 	}
 	if err := cfg.Validate(); err != nil {
 		return cli.Usagef("%v", err)
@@ -548,4 +557,12 @@ The agent's config points at the bundle ("link": {"bundle": DIR}).`)
 	}
 	fmt.Fprintf(stdout, "provisioned %s: bundle in %s (%d image keys)\n", resp.DeviceID, *out, len(resp.ImageKeysPEM))
 	return nil
+}
+
+// scaledClock is a clock that starts now and runs scale times faster.
+func scaledClock(scale float64) func() time.Time {
+	start := time.Now()
+	return func() time.Time {
+		return start.Add(time.Duration(float64(time.Since(start)) * scale))
+	}
 }

@@ -5,6 +5,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -59,6 +60,9 @@ type Config struct {
 	// windows, rate limits, last seen): a simulation runs it faster. Nil is
 	// the real time. Certificates and TLS always use the real time.
 	Clock func() time.Time
+	// MaxConns caps the connections held at once (default
+	// DefaultMaxConns); more wait to be accepted.
+	MaxConns int
 }
 
 // Validate checks the configuration.
@@ -72,6 +76,9 @@ func (c *Config) Validate() error {
 	}
 	if c.PollInterval < 0 {
 		errs = append(errs, errors.New("poll interval must not be negative"))
+	}
+	if c.MaxConns < 0 {
+		errs = append(errs, errors.New("connection cap must not be negative"))
 	}
 	if c.RolloutTick < 0 {
 		errs = append(errs, errors.New("rollout tick must not be negative"))
@@ -90,9 +97,10 @@ type Server struct {
 	// Engine advances rollouts; Serve runs it every tick.
 	Engine *rollout.Engine
 	// Repo is the TUF repository; Serve re-signs its timestamp in time.
-	Repo *repo.Repo
-	tick time.Duration
-	log  *slog.Logger
+	Repo     *repo.Repo
+	tick     time.Duration
+	maxConns int
+	log      *slog.Logger
 }
 
 // New opens (or, on first start, creates) everything in the data directory.
@@ -199,7 +207,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	}
 	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) { reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind) }}
 	return &Server{
-		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick, Repo: tuf,
+		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick, Repo: tuf, maxConns: cmp.Or(c.MaxConns, DefaultMaxConns),
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
 			Certificates: []tls.Certificate{cert},
@@ -220,6 +228,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		ErrorLog:          log.New(slogWriter{s.log}, "", 0),
 	}
 	errc := make(chan error, 1)
+	ln = limitConns(ln, s.maxConns)
 	go func() { errc <- hs.ServeTLS(ln, "", "") }()
 	ectx, stopEngine := context.WithCancel(ctx)
 	defer stopEngine()

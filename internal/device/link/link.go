@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -75,8 +76,22 @@ type Link struct {
 	nextRenew time.Time // after a failed renewal, not before this
 }
 
+// Options change how a link connects (a fleet simulator's devices).
+type Options struct {
+	// Dial, if set, makes the TCP connections (a chosen source address, a
+	// modelled network).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// PerRequest closes each connection after its request: a device that
+	// wakes, checks in and sleeps holds no connection in between (TLS
+	// session resumption keeps the reconnects cheap). HTTP/1.1 only.
+	PerRequest bool
+}
+
 // Open reads a bundle and makes the mutual-TLS client.
-func Open(dir string) (*Link, error) {
+func Open(dir string) (*Link, error) { return OpenWith(dir, Options{}) }
+
+// OpenWith is Open with options.
+func OpenWith(dir string, o Options) (*Link, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "bundle.json"))
 	if err != nil {
 		return nil, fmt.Errorf("provisioning bundle: %w", err)
@@ -129,6 +144,14 @@ func Open(dir string) (*Link, error) {
 		ResponseHeaderTimeout: 30 * time.Second,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   15 * time.Second,
+	}
+	if o.Dial != nil {
+		tr.DialContext = o.Dial
+	}
+	if o.PerRequest {
+		tr.DisableKeepAlives = true
+		tr.ForceAttemptHTTP2 = false
+		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
 	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
 	return l, nil

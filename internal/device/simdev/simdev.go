@@ -90,8 +90,18 @@ type Device struct {
 	HWClass string
 	Log     *slog.Logger
 
+	// Online, if set, finishes the agent of every power-on for a device
+	// that talks to an update server (fetcher, offer checks, reports,
+	// sleeps); see Serve.
+	Online func(*agent.Runner)
+	// FailHealth makes the next FailHealth health checks fail whatever
+	// the firmware is (a device that misbehaves on its first boots).
+	FailHealth int
+
 	fs    *muxFS
 	Boots []Boot // every power-on, in order
+	// KeepBoots is how many power-ons Boots keeps (0: all).
+	KeepBoots int
 }
 
 // Boot is what one power-on did.
@@ -121,8 +131,21 @@ const SlotSize = 1 << 20
 // New makes a factory-fresh device: firmware v1 committed in slot a, its
 // data in format v1.DataFormat, the non-volatile counter at v1's counter.
 func New(v1 []byte, keys []boot.TrustedKey, hwClass string) (*Device, error) {
+	return NewShared(v1, keys, hwClass, nil, SlotSize)
+}
+
+// NewShared is New with slots of slotSize bytes whose blocks are shared
+// through pool (nil: private slots), so that a fleet of devices fits in
+// memory.
+func NewShared(v1 []byte, keys []boot.TrustedKey, hwClass string, pool *slot.BlockPool, slotSize int64) (*Device, error) {
+	newSlot := func() *slot.Flash {
+		if pool != nil {
+			return slot.NewSharedFlash(slotSize, 4096, pool)
+		}
+		return slot.NewFlash(slotSize, 4096)
+	}
 	d := &Device{
-		Slots:  map[string]*slot.Flash{"a": slot.NewFlash(SlotSize, 4096), "b": slot.NewFlash(SlotSize, 4096)},
+		Slots:  map[string]*slot.Flash{"a": newSlot(), "b": newSlot()},
 		EnvDev: slot.NewFlash(0x800, 256),
 		State:  slot.NewMemFS(), Inbox: slot.NewMemFS(), NVFS: slot.NewMemFS(), Data: slot.NewMemFS(),
 		Keys: keys, HWClass: hwClass,
@@ -189,13 +212,30 @@ func (d *Device) behavior(s string) (Behavior, error) {
 }
 
 func (d *Device) runner(beh Behavior, crash func()) *agent.Runner {
-	return &agent.Runner{
+	r := &agent.Runner{
 		FS: d.fs, StateDir: StateDir, DataDir: DataDir,
 		Device: d.bootDevice(), NV: d.nv(),
-		Hooks: &simHooks{fs: d.fs, beh: beh, crash: crash},
+		Hooks: &simHooks{fs: d.fs, beh: beh, crash: crash, dev: d},
 		Sleep: func(context.Context, time.Duration) error { return nil },
 		Log:   d.Log,
 	}
+	if d.Online != nil {
+		d.Online(r)
+	}
+	return r
+}
+
+// FS is the device's file system tree as its agent sees it.
+func (d *Device) FS() slot.FS { return d.fs }
+
+// Serve runs the agent daemon of the firmware that last powered on
+// (Result Running) against srv, until the agent asks for a reboot
+// (agent.ErrReboot), the firmware crashes, power fails or ctx ends.
+func (d *Device) Serve(ctx context.Context, srv agent.Server) error {
+	last := d.Boots[len(d.Boots)-1]
+	fwCtx, crash := context.WithCancel(ctx)
+	defer crash()
+	return d.runner(last.Firmware, crash).Daemon(fwCtx, srv)
 }
 
 // PowerOn powers the device on: boot selection, then the firmware, whose
@@ -204,6 +244,9 @@ func (d *Device) runner(beh Behavior, crash func()) *agent.Runner {
 func (d *Device) PowerOn(ctx context.Context) Boot {
 	d.Power.On()
 	b := d.powerOn(ctx)
+	if d.KeepBoots > 0 && len(d.Boots) >= d.KeepBoots {
+		d.Boots = append(d.Boots[:0], d.Boots[len(d.Boots)-d.KeepBoots+1:]...)
+	}
 	d.Boots = append(d.Boots, b)
 	return b
 }
@@ -352,6 +395,7 @@ type simHooks struct {
 	fs    slot.FS
 	beh   Behavior
 	crash func() // the firmware dies
+	dev   *Device
 }
 
 func (h *simHooks) Run(ctx context.Context, name string, env agent.HookEnv) error {
@@ -374,6 +418,10 @@ func (h *simHooks) Run(ctx context.Context, name string, env agent.HookEnv) erro
 		}
 		return convert(h.fs, from, h.beh.DataFormat)
 	case agent.HookHealthCheck:
+		if h.dev != nil && h.dev.FailHealth > 0 {
+			h.dev.FailHealth--
+			return errors.New("health check failed: the device misbehaves on this firmware")
+		}
 		switch h.beh.Health {
 		case "fail":
 			return errors.New("health check failed: the service does not answer")

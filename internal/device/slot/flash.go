@@ -17,8 +17,12 @@ import (
 // write cache); Sync only reports the power state.
 type Flash struct {
 	mu       sync.Mutex
-	data     []byte
+	data     []byte // the contents, unless pool is set
+	size     int64
 	pageSize int
+
+	pool   *BlockPool // blocks shared with other models, if set
+	blocks []*block   // the contents when pool is set
 
 	calls   int   // WriteAt calls so far, including cut ones
 	written int64 // bytes landed so far
@@ -61,7 +65,24 @@ func NewFlash(size int64, pageSize int) *Flash {
 	for i := range d {
 		d[i] = 0xff
 	}
-	return &Flash{data: d, pageSize: pageSize, cutByte: -1, rng: rand.New(rand.NewPCG(1, 2))}
+	return &Flash{data: d, size: size, pageSize: pageSize, cutByte: -1, rng: rand.New(rand.NewPCG(1, 2))}
+}
+
+// NewSharedFlash makes a model like NewFlash whose contents are kept as
+// blocks interned in pool: models holding the same bytes (a fleet of
+// devices running the same firmware) share their memory. Every byte is
+// still written, read and cut by power as in any other model.
+func NewSharedFlash(size int64, pageSize int, pool *BlockPool) *Flash {
+	if pageSize <= 0 {
+		pageSize = 256
+	}
+	n := (size + BlockSize - 1) / BlockSize
+	f := &Flash{size: size, pageSize: pageSize, cutByte: -1, rng: rand.New(rand.NewPCG(1, 2)), pool: pool, blocks: make([]*block, n)}
+	erased := pool.erased()
+	for i := range f.blocks {
+		f.blocks[i] = erased
+	}
+	return f
 }
 
 // NewFlashFrom makes a model holding a copy of b.
@@ -116,10 +137,12 @@ func (f *Flash) Counters() (calls int, bytes int64) {
 func (f *Flash) Bytes() []byte {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]byte(nil), f.data...)
+	out := make([]byte, f.size)
+	f.read(out, 0)
+	return out
 }
 
-func (f *Flash) Size() int64 { return int64(len(f.data)) }
+func (f *Flash) Size() int64 { return f.size }
 
 func (f *Flash) ReadAt(p []byte, off int64) (int, error) {
 	f.mu.Lock()
@@ -127,12 +150,12 @@ func (f *Flash) ReadAt(p []byte, off int64) (int, error) {
 	if f.isOff() {
 		return 0, ErrPowerCut
 	}
-	if off < 0 || off > int64(len(f.data)) {
-		return 0, fmt.Errorf("read at %d outside a %d-byte device", off, len(f.data))
+	if off < 0 || off > f.size {
+		return 0, fmt.Errorf("read at %d outside a %d-byte device", off, f.size)
 	}
-	n := copy(p, f.data[off:])
+	n := f.read(p, off)
 	if n < len(p) {
-		return n, fmt.Errorf("read of %d bytes at %d past the end of a %d-byte device", len(p), off, len(f.data))
+		return n, fmt.Errorf("read of %d bytes at %d past the end of a %d-byte device", len(p), off, f.size)
 	}
 	return n, nil
 }
@@ -143,8 +166,8 @@ func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 	if f.isOff() {
 		return 0, ErrPowerCut
 	}
-	if off < 0 || off+int64(len(p)) > int64(len(f.data)) {
-		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d-byte device", len(p), off, len(f.data))
+	if off < 0 || off+int64(len(p)) > f.size {
+		return 0, fmt.Errorf("write of %d bytes at %d past the end of a %d-byte device", len(p), off, f.size)
 	}
 	if f.power != nil {
 		ok, now, frac, tear := f.power.op(f.area)
@@ -154,7 +177,7 @@ func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 			}
 			// This write is the one cut: part of it lands.
 			n := int(frac * float64(len(p)))
-			copy(f.data[off:], p[:n])
+			f.write(p[:n], off)
 			if tear {
 				f.tearFrom(off+int64(n), off+int64(len(p)))
 			}
@@ -170,7 +193,7 @@ func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 	if f.cutByte >= 0 && f.written+int64(n) > f.cutByte {
 		n = int(f.cutByte - f.written)
 	}
-	copy(f.data[off:], p[:n])
+	f.write(p[:n], off)
 	f.written += int64(n)
 	if n == len(p) {
 		return n, nil
@@ -186,8 +209,47 @@ func (f *Flash) WriteAt(p []byte, off int64) (int, error) {
 // tearFrom fills the rest of the page holding at (up to limit) with garbage.
 func (f *Flash) tearFrom(at, limit int64) {
 	end := min((at/int64(f.pageSize)+1)*int64(f.pageSize), limit)
-	for i := at; i < end; i++ {
-		f.data[i] = byte(f.rng.UintN(256))
+	if end <= at {
+		return
+	}
+	garbage := make([]byte, end-at)
+	for i := range garbage {
+		garbage[i] = byte(f.rng.UintN(256))
+	}
+	f.write(garbage, at)
+}
+
+// read copies the contents at off into p (lock held; off within the
+// device); it returns how many bytes there were.
+func (f *Flash) read(p []byte, off int64) int {
+	if f.pool == nil {
+		return copy(p, f.data[off:])
+	}
+	n := min(int64(len(p)), f.size-off)
+	for done := int64(0); done < n; {
+		at := off + done
+		b, in := at/BlockSize, at%BlockSize
+		done += int64(copy(p[done:n], f.blocks[b][in:]))
+	}
+	return int(n)
+}
+
+// write lands p at off (lock held; in bounds). Shared blocks are copied
+// before they change and interned again after.
+func (f *Flash) write(p []byte, off int64) {
+	if f.pool == nil {
+		copy(f.data[off:], p)
+		return
+	}
+	for done := 0; done < len(p); {
+		at := off + int64(done)
+		b, in := at/BlockSize, int(at%BlockSize)
+		nb := new(block)
+		if in != 0 || len(p)-done < BlockSize {
+			*nb = *f.blocks[b] // a partial write keeps the rest of the block
+		}
+		done += copy(nb[in:], p[done:])
+		f.blocks[b] = f.pool.intern(nb)
 	}
 }
 

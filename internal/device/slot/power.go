@@ -19,6 +19,10 @@ type Power struct {
 	cutArea string
 	off     bool
 	cuts    int // power cuts so far
+
+	areaPrefix string // with areaLeft: cut at the areaLeft-th operation in an area with this prefix
+	areaLeft   int
+	onCut      func(area string)
 }
 
 // NewPower makes a supply with no cut scheduled.
@@ -31,6 +35,32 @@ func (p *Power) CutAt(n int, frac float64, tear bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.cutAt, p.frac, p.tear = n, frac, tear
+	p.areaLeft = 0 // in place of a cut scheduled with CutInArea
+}
+
+// CutInArea schedules a cut at the n-th operation from now (1-based) in
+// an area whose name starts with prefix ("slot-", "env", "journal"...), in
+// place of any cut scheduled with CutAt.
+func (p *Power) CutInArea(prefix string, n int, frac float64, tear bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cutAt, p.areaPrefix, p.areaLeft, p.frac, p.tear = 0, prefix, n, frac, tear
+}
+
+// OnCut sets a function called when a cut strikes, with the area it hit.
+// It runs while the storage model that was cut holds its lock: it must not
+// touch the models (cancelling a context is what it is for).
+func (p *Power) OnCut(f func(area string)) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.onCut = f
+}
+
+// Cuts is how many cuts have struck so far.
+func (p *Power) Cuts() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cuts
 }
 
 // Ops returns the operations counted so far, in total and per area.
@@ -66,6 +96,7 @@ func (p *Power) On() {
 	if p.off {
 		p.off = false
 		p.cutAt = 0
+		p.areaLeft = 0
 	}
 }
 
@@ -81,17 +112,28 @@ func (p *Power) state() (int, bool) {
 // now is true and frac of a write lands.
 func (p *Power) op(area string) (ok, now bool, frac float64, tear bool) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.off {
+		p.mu.Unlock()
 		return false, false, 0, false
 	}
 	p.ops++
 	p.perArea[area]++
-	if p.cutAt == 0 || p.ops < p.cutAt {
+	strike := p.cutAt != 0 && p.ops >= p.cutAt
+	if p.areaLeft > 0 && len(area) >= len(p.areaPrefix) && area[:len(p.areaPrefix)] == p.areaPrefix {
+		p.areaLeft--
+		strike = strike || p.areaLeft == 0
+	}
+	if !strike {
+		p.mu.Unlock()
 		return true, false, 0, false
 	}
 	p.off = true
 	p.cuts++
 	p.cutArea = area
-	return false, true, p.frac, p.tear
+	frac, tear, notify := p.frac, p.tear, p.onCut
+	p.mu.Unlock()
+	if notify != nil {
+		notify(area)
+	}
+	return false, true, frac, tear
 }

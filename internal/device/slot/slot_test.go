@@ -247,3 +247,87 @@ func TestSharedPower(t *testing.T) {
 		t.Errorf("ops %d %v", total, per)
 	}
 }
+
+// Shared flash models behave byte for byte like private ones, and models
+// holding the same contents share their blocks.
+func TestSharedFlash(t *testing.T) {
+	pool := NewBlockPool()
+	img := make([]byte, 3*BlockSize+100)
+	for i := range img {
+		img[i] = byte(i * 13)
+	}
+	const size = 8 * BlockSize
+	var shared []*Flash
+	for i := 0; i < 50; i++ {
+		f := NewSharedFlash(size, 4096, pool)
+		if _, err := f.WriteAt(img[:BlockSize/3], 0); err != nil { // partial block first
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(img[BlockSize/3:], BlockSize/3); err != nil {
+			t.Fatal(err)
+		}
+		shared = append(shared, f)
+	}
+	private := NewFlash(size, 4096)
+	private.WriteAt(img, 0)
+	for i, f := range shared {
+		if !bytes.Equal(f.Bytes(), private.Bytes()) {
+			t.Fatalf("shared model %d differs from a private one", i)
+		}
+	}
+	// erased, the image's four blocks, and the two partial states of
+	// block 0 and 1 seen on the way: far fewer than 50 devices' blocks.
+	if n := pool.Blocks(); n > 8 {
+		t.Fatalf("pool holds %d distinct blocks for 50 identical models, want at most 8", n)
+	}
+	// A write to one model changes only that model.
+	shared[0].WriteAt([]byte("changed"), 10)
+	if bytes.Equal(shared[0].Bytes(), shared[1].Bytes()) || !bytes.Equal(shared[1].Bytes(), private.Bytes()) {
+		t.Fatal("a write to one shared model leaked into another")
+	}
+	// Power cuts and tearing work the same as on a private model.
+	p := NewPower()
+	a, b := NewSharedFlash(size, 4096, pool), NewFlash(size, 4096)
+	a.Attach(p, "slot-a")
+	p.CutAt(1, 0.5, true)
+	n, err := a.WriteAt(img[:8192], 0)
+	if !errors.Is(err, ErrPowerCut) || n != 4096 {
+		t.Fatalf("cut write: %d, %v", n, err)
+	}
+	p.On()
+	buf := make([]byte, 8192)
+	a.ReadAt(buf, 0)
+	b.WriteAt(img[:4096], 0)
+	want := b.Bytes()[:4096]
+	if !bytes.Equal(buf[:4096], want) {
+		t.Fatal("the landed half of a cut write differs")
+	}
+	if bytes.Equal(buf[4096:8192], bytes.Repeat([]byte{0xff}, 4096)) {
+		t.Fatal("a torn page kept its erased bytes")
+	}
+}
+
+// CutInArea strikes at the n-th operation of the named area only.
+func TestCutInArea(t *testing.T) {
+	p := NewPower()
+	journal, s := NewMemFS(), NewFlash(4096, 256)
+	journal.Attach(p, "journal")
+	s.Attach(p, "slot-b")
+	var hit []string
+	p.OnCut(func(area string) { hit = append(hit, area) })
+	p.CutInArea("slot-", 2, 0, false)
+	for i := 0; i < 5; i++ {
+		if err := WriteFileSynced(journal, "/j", []byte("x")); err != nil {
+			t.Fatalf("journal write %d cut: %v", i, err)
+		}
+	}
+	if _, err := s.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WriteAt([]byte{2}, 1); !errors.Is(err, ErrPowerCut) {
+		t.Fatalf("second slot write: %v, want a power cut", err)
+	}
+	if len(hit) != 1 || hit[0] != "slot-b" || p.CutArea() != "slot-b" || p.Cuts() != 1 {
+		t.Fatalf("cut hit %v (area %q, %d cuts)", hit, p.CutArea(), p.Cuts())
+	}
+}
