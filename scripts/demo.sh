@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: the real end-to-end path as far as it exists today.
+# make tour: the command line, step by step, with one real device.
 # Every step runs the real binaries; any unexpected result stops the demo
 # with a non-zero exit.
 set -euo pipefail

@@ -240,6 +240,7 @@ func runFleet(o options, n int) (*result, error) {
 		return nil, err
 	}
 	start = time.Now()
+	f.ResetLatency() // latency and errors while the fleet updates
 	before := f.Snapshot()
 	last := time.Now()
 	for ctx.Err() == nil {
@@ -251,8 +252,8 @@ func runFleet(o options, n int) (*result, error) {
 		}
 		if time.Since(last) >= 10*time.Second {
 			last = time.Now()
-			fmt.Printf("  t=%4.0fs %6d on 1.0.1, %5d updating, check-ins %d (%d failed), p99 %.1f ms, server RSS %.0f MiB\n",
-				time.Since(start).Seconds(), st.Versions["1.0.1"], st.Updating, st.CheckIns, st.CheckInErrors, ms(st.P99), float64(peakRSS(srv.Process.Pid))/1024)
+			fmt.Printf("  t=%4.0fs %6d on 1.0.1, %5d updating, check-ins %d (%d failed), p99 %.1f ms, server RSS %.0f MiB %v\n",
+				time.Since(start).Seconds(), st.Versions["1.0.1"], st.Updating, st.CheckIns, st.CheckInErrors, ms(st.P99), float64(peakRSS(srv.Process.Pid))/1024, st.Errors)
 		}
 	}
 	r.update = time.Since(start)
@@ -269,8 +270,9 @@ func runFleet(o options, n int) (*result, error) {
 	if census.Versions["1.0.1"] != n {
 		r.complete = false
 	}
-	fmt.Printf("  census through the boot selector: %v, bricked %d; simulator peak RSS %.0f MiB, %d shared flash blocks\n",
-		census.Versions, r.bricked, float64(r.clientRSSKiB)/1024, r.sharedFlashBlock)
+	fmt.Printf("  check-in errors by kind: %v\n", st.Errors)
+	fmt.Printf("  census through the boot selector: %v, bricked %d; simulator peak RSS %.0f MiB, %d shared flash blocks; TLS resumed %d, full handshakes %d\n",
+		census.Versions, r.bricked, float64(r.clientRSSKiB)/1024, r.sharedFlashBlock, st.Resumed, st.FullHandshakes)
 	return r, nil
 }
 

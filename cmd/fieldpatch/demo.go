@@ -166,6 +166,8 @@ type demoReport struct {
 	CheckIns   int64          `json:"check_ins"`
 	CheckInErr int64          `json:"check_in_errors"`
 	P50, P99   time.Duration  `json:"-"`
+	Resumed    int64          `json:"tls_resumed"`
+	FullTLS    int64          `json:"tls_full_handshakes"`
 	Boots      int64          `json:"boots"`
 	Elapsed    float64        `json:"elapsed_s"`
 	Timeline   []fleet.Point  `json:"timeline"`
@@ -424,6 +426,7 @@ func (d *demo) run() (*demoReport, error) {
 	rep.BytesSent = int64(srv.Metrics.Value("fieldpatch_download_bytes_total"))
 	rep.BytesNeed = int64(census.Versions["1.0.2"]) * int64(len(imgs["1.0.2"]))
 	rep.CheckIns, rep.CheckInErr, rep.P50, rep.P99, rep.Boots = final.CheckIns, final.CheckInErrors, final.P50, final.P99, final.Boots
+	rep.Resumed, rep.FullTLS = final.Resumed, final.FullHandshakes
 	rep.Elapsed = time.Since(start).Seconds()
 	rep.Failures = append(rep.Failures, judgeDemo(rep)...)
 	return rep, nil
@@ -585,6 +588,7 @@ func (d *demo) printReport(r *demoReport) {
 	fmt.Fprintf(w, "outcomes         committed %d, rolled back %d, failed %d (all releases)\n", r.Outcomes["committed"], r.Outcomes["rolled_back"], r.Outcomes["failed"])
 	fmt.Fprintf(w, "bytes sent       %.1f MiB by the server (the updated devices needed at least %.1f MiB)\n", float64(r.BytesSent)/(1<<20), float64(r.BytesNeed)/(1<<20))
 	fmt.Fprintf(w, "check-ins        %d, %d failed (offline links); latency p50 %v, p99 %v; %d power-ons\n", r.CheckIns, r.CheckInErr, r.P50.Round(100*time.Microsecond), r.P99.Round(100*time.Microsecond), r.Boots)
+	fmt.Fprintf(w, "connections      one per request: %d resumed a TLS session, %d full handshakes\n", r.Resumed, r.FullTLS)
 	fmt.Fprintf(w, "elapsed          %.0fs\n", r.Elapsed)
 	if len(r.Timeline) > 0 {
 		fmt.Fprintf(w, "\nshare of the fleet on 1.0.2, from the first rollout's start (real seconds):\n")

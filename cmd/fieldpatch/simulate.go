@@ -168,8 +168,8 @@ loop:
 	st := f.Snapshot()
 	census := f.PowerOnAll(context.Background())
 	fmt.Fprintf(stdout, "powered on through the boot selector: %s; bricked %d\n", versionsLine(census.Versions), len(census.Bricked))
-	fmt.Fprintf(stdout, "received %.1f MiB; outcomes %v; check-ins %d, %d failed, p50 %v p99 %v; flash blocks shared: %d (%.1f MiB)\n",
-		float64(st.Received)/(1<<20), st.Outcomes, st.CheckIns, st.CheckInErrors, st.P50, st.P99, f.Pool().Blocks(), float64(f.Pool().Blocks())*16/1024)
+	fmt.Fprintf(stdout, "received %.1f MiB; outcomes %v; check-ins %d, %d failed, p50 %v p99 %v; TLS sessions resumed %d, full handshakes %d; flash blocks shared: %d (%.1f MiB)\n",
+		float64(st.Received)/(1<<20), st.Outcomes, st.CheckIns, st.CheckInErrors, st.P50, st.P99, st.Resumed, st.FullHandshakes, f.Pool().Blocks(), float64(f.Pool().Blocks())*16/1024)
 	if *jsonOut != "" {
 		b, _ := json.MarshalIndent(map[string]any{"snapshot": st, "census": census}, "", "  ")
 		if err := os.WriteFile(*jsonOut, b, 0o644); err != nil {

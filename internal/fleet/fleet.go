@@ -121,6 +121,7 @@ type Device struct {
 	wasOffline   atomic.Bool
 	misbehave    atomic.Bool // apply at the next power-on
 	cutPending   atomic.Bool // a cut is scheduled and has not struck
+	failures     int         // check-ins failed in a row (device goroutine)
 	stop         atomic.Pointer[context.CancelFunc]
 }
 
@@ -205,7 +206,7 @@ func (f *Fleet) Enroll(ctx context.Context, workers int, progress func(done int)
 			for d := range jobs {
 				err := link.Enroll(ctx, link.EnrollConfig{Server: f.cfg.Server, CAFile: caFile, DeviceID: d.ID, Token: f.cfg.Token}, d.dir, nil)
 				if err == nil {
-					d.lnk, err = link.OpenWith(d.dir, link.Options{Dial: d.dial, PerRequest: true})
+					d.lnk, err = link.OpenWith(d.dir, link.Options{Dial: d.dial, SessionCache: &sessionCache{d: d}})
 				}
 				if err != nil {
 					errc <- fmt.Errorf("enrolling %s: %w", d.ID, err)
@@ -241,15 +242,18 @@ feed:
 }
 
 // Start powers every device on and lets it live (boot, check in, update,
-// reboot) until Stop. Devices start spread over a second.
+// reboot) until Stop. Devices start spread over a second per 500 of them
+// (a first check-in is a full TLS handshake, the costliest request), as a
+// fleet's check-ins are spread over its poll interval.
 func (f *Fleet) Start(ctx context.Context) {
 	ctx, f.cancel = context.WithCancel(ctx)
+	spread := max(time.Second, time.Duration(len(f.devs))*time.Second/500)
 	for i, d := range f.devs {
 		if d.lnk == nil {
 			continue
 		}
 		f.wg.Add(1)
-		delay := time.Duration(i) * time.Second / time.Duration(len(f.devs))
+		delay := time.Duration(i) * spread / time.Duration(len(f.devs))
 		go func() {
 			defer f.wg.Done()
 			if sleep(ctx, delay) != nil {
@@ -336,6 +340,7 @@ func (d *Device) live(ctx context.Context) {
 		d.stop.Store(&cancel)
 		err := d.sim.Serve(sctx, d)
 		cancel()
+		d.lnk.HTTP.CloseIdleConnections() // rebooting, crashed or cut: the connection is gone
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -413,6 +418,17 @@ func (d *Device) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInRe
 	start := time.Now()
 	resp, err := d.lnk.CheckIn(ctx, c)
 	d.f.stats.checkIn(time.Since(start), err)
+	if err != nil {
+		d.lnk.HTTP.CloseIdleConnections()
+		return nil, d.realBackoff(ctx, err)
+	}
+	d.failures = 0
+	if resp.Offer == nil && c.UpdateID == "" {
+		// Back to sleep until the next check-in: the connection goes (the
+		// next one resumes the TLS session). During an update it stays,
+		// for the reports, the metadata and the download.
+		d.lnk.HTTP.CloseIdleConnections()
+	}
 	if err == nil && resp.Offer != nil && c.UpdateID == "" {
 		d.f.stats.offers.Add(1)
 		if fl := d.f.faults.Load(); pct(d.rng, fl.PowerCut) {
@@ -421,6 +437,37 @@ func (d *Device) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInRe
 	}
 	return resp, err
 }
+
+// realBackoff keeps the waits after a failed check-in in real time: the
+// server's Retry-After is the real server's load, and the daemon's own
+// back-off, compressed like every other wait, would turn a fleet that lost
+// its server into a storm. A busy answer keeps its Retry-After in real
+// seconds; any other failure (but a link down) waits at least 1 s << n,
+// up to 30 s, real time, plus jitter.
+func (d *Device) realBackoff(ctx context.Context, err error) error {
+	var busy interface{ Retry() time.Duration }
+	if errors.As(err, &busy) {
+		return &busyError{err: err, retry: time.Duration(float64(busy.Retry()) * d.f.cfg.Speed)}
+	}
+	if errors.Is(err, errLinkDown) {
+		return err
+	}
+	d.failures++
+	wait := min(time.Second<<min(d.failures-1, 5), 30*time.Second)
+	sleep(ctx, wait+time.Duration(d.rng.Int64N(int64(wait))))
+	return err
+}
+
+// busyError is a 503 whose Retry-After is scaled so that, compressed, it
+// lasts as long as the server asked.
+type busyError struct {
+	err   error
+	retry time.Duration
+}
+
+func (e *busyError) Error() string        { return e.err.Error() }
+func (e *busyError) Unwrap() error        { return e.err }
+func (e *busyError) Retry() time.Duration { return e.retry }
 
 // scheduleCut aims a power cut: at slot writes, at boot-environment
 // writes, or anywhere in the next operations.

@@ -2,8 +2,10 @@ package fleet
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -70,4 +72,29 @@ func (c *linkConn) Read(p []byte) (int, error) {
 	}
 	c.read += int64(n)
 	return n, err
+}
+
+// sessionCache keeps one device's TLS session (one server) and counts how
+// often a connection could resume one.
+type sessionCache struct {
+	d  *Device
+	mu sync.Mutex
+	cs *tls.ClientSessionState
+}
+
+func (c *sessionCache) Get(string) (*tls.ClientSessionState, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cs == nil {
+		c.d.f.stats.fullHandshakes.Add(1)
+		return nil, false
+	}
+	c.d.f.stats.resumed.Add(1)
+	return c.cs, true
+}
+
+func (c *sessionCache) Put(_ string, cs *tls.ClientSessionState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cs = cs
 }

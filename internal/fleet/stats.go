@@ -1,7 +1,9 @@
 package fleet
 
 import (
+	"errors"
 	"math"
+	"net"
 	"sort"
 	"strings"
 	"sync"
@@ -17,8 +19,10 @@ type Stats struct {
 	misbehaving, offline, drops, stalls      atomic.Int64
 	resumes, received                        atomic.Int64
 	checkIns, checkInErrors                  atomic.Int64
+	resumed, fullHandshakes                  atomic.Int64
 
 	mu       sync.Mutex
+	errKinds map[string]int
 	cuts     map[string]int
 	outcomes map[string]int
 	latency  [latencyBuckets]int64
@@ -26,6 +30,7 @@ type Stats struct {
 
 func (s *Stats) init() {
 	s.cuts = map[string]int{}
+	s.errKinds = map[string]int{}
 	s.outcomes = map[string]int{}
 }
 
@@ -52,6 +57,9 @@ func (s *Stats) checkIn(d time.Duration, err error) {
 	s.checkIns.Add(1)
 	if err != nil {
 		s.checkInErrors.Add(1)
+		s.mu.Lock()
+		s.errKinds[errorKind(err)]++
+		s.mu.Unlock()
 		return
 	}
 	i := 0
@@ -61,6 +69,18 @@ func (s *Stats) checkIn(d time.Duration, err error) {
 	s.mu.Lock()
 	s.latency[i]++
 	s.mu.Unlock()
+}
+
+// ResetLatency forgets the check-in latencies and errors measured so far
+// (to measure one stretch of a run).
+func (f *Fleet) ResetLatency() {
+	s := &f.stats
+	s.mu.Lock()
+	s.latency = [latencyBuckets]int64{}
+	clear(s.errKinds)
+	s.mu.Unlock()
+	s.checkIns.Store(0)
+	s.checkInErrors.Store(0)
 }
 
 // quantile of the check-in latencies (the upper edge of its bucket).
@@ -117,6 +137,10 @@ type Snapshot struct {
 	Received      int64            `json:"bytes_received"`
 	Resumes       int64            `json:"downloads_resumed"`
 	Latency       map[string]int64 `json:"check_in_latency_us"`
+	Errors        map[string]int   `json:"check_in_errors_by_kind"`
+	// TLS connections that resumed a session, and those that could not.
+	Resumed        int64 `json:"tls_resumed"`
+	FullHandshakes int64 `json:"tls_full_handshakes"`
 }
 
 // Snapshot reads the fleet's state and counters now.
@@ -125,7 +149,7 @@ func (f *Fleet) Snapshot() Snapshot {
 	sn := Snapshot{Elapsed: time.Since(f.start), Devices: len(f.devs), Versions: map[string]int{}, Phases: map[string]int{},
 		Boots: s.boots.Load(), Reboots: s.reboots.Load(), Crashes: s.crashes.Load(), Offers: s.offers.Load(),
 		CheckIns: s.checkIns.Load(), CheckInErrors: s.checkInErrors.Load(), Received: s.received.Load(), Resumes: s.resumes.Load(),
-		Bricked: int(s.bricked.Load())}
+		Bricked: int(s.bricked.Load()), Resumed: s.resumed.Load(), FullHandshakes: s.fullHandshakes.Load()}
 	var slow int64
 	for _, d := range f.devs {
 		sn.Versions[d.Version()]++
@@ -146,6 +170,10 @@ func (f *Fleet) Snapshot() Snapshot {
 		if strings.HasPrefix(a, "slot-") || a == "env" {
 			sn.Faults.CutsInSlotOrEnv += n
 		}
+	}
+	sn.Errors = map[string]int{}
+	for k, v := range s.errKinds {
+		sn.Errors[k] = v
 	}
 	sn.Outcomes = map[string]int{}
 	for k, v := range s.outcomes {
@@ -185,3 +213,28 @@ func (s Snapshot) Committed() int { return s.Outcomes[proto.StatusCommitted] }
 
 // RolledBack is how many updates were reported rolled back.
 func (s Snapshot) RolledBack() int { return s.Outcomes[proto.StatusRolledBack] }
+
+// errorKind names a failed check-in's cause for the counters.
+func errorKind(err error) string {
+	var busy interface{ Retry() time.Duration }
+	var ne net.Error
+	msg := err.Error()
+	switch {
+	case errors.As(err, &busy):
+		return "busy (503, retried after the server's Retry-After)"
+	case errors.Is(err, errLinkDown):
+		return "offline (simulated)"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case strings.Contains(msg, "connection refused"):
+		return "connection refused"
+	case strings.Contains(msg, "connection reset"):
+		return "connection reset"
+	case strings.Contains(msg, "EOF"):
+		return "EOF"
+	}
+	if len(msg) > 80 {
+		msg = msg[:80]
+	}
+	return msg
+}

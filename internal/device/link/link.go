@@ -81,10 +81,9 @@ type Options struct {
 	// Dial, if set, makes the TCP connections (a chosen source address, a
 	// modelled network).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// PerRequest closes each connection after its request: a device that
-	// wakes, checks in and sleeps holds no connection in between (TLS
-	// session resumption keeps the reconnects cheap). HTTP/1.1 only.
-	PerRequest bool
+	// SessionCache, if set, keeps the TLS sessions to resume (default: a
+	// small cache of the link's own).
+	SessionCache tls.ClientSessionCache
 }
 
 // Open reads a bundle and makes the mutual-TLS client.
@@ -126,8 +125,12 @@ func OpenWith(dir string, o Options) (*Link, error) {
 	}
 	serverName := su.Hostname()
 	l := &Link{Bundle: bun, cert: cert, leaf: leaf, Clock: newClock(dir, leaf.NotBefore)}
+	sessions := o.SessionCache
+	if sessions == nil {
+		sessions = tls.NewLRUClientSessionCache(4)
+	}
 	tr := &http.Transport{
-		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, ClientSessionCache: tls.NewLRUClientSessionCache(4),
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, ClientSessionCache: sessions,
 			// The server's certificate is checked below on the trusted
 			// clock, not the raw one (a device at 1970 or years ahead).
 			InsecureSkipVerify: true,
@@ -147,11 +150,6 @@ func OpenWith(dir string, o Options) (*Link, error) {
 	}
 	if o.Dial != nil {
 		tr.DialContext = o.Dial
-	}
-	if o.PerRequest {
-		tr.DisableKeepAlives = true
-		tr.ForceAttemptHTTP2 = false
-		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
 	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
 	return l, nil
@@ -416,6 +414,8 @@ func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) e
 	}
 	l := &Link{Bundle: Bundle{Server: c.Server, DeviceID: c.DeviceID, Dir: dir},
 		HTTP: &http.Client{Timeout: time.Minute, Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool}}}}
+	// Enrollment is done once: its connection is not kept for later.
+	defer l.HTTP.CloseIdleConnections()
 	poll := c.Poll
 	if poll <= 0 {
 		poll = 30 * time.Second

@@ -223,6 +223,9 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN base_crashes INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN prev_reset_rate REAL NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN prev_crash_rate REAL NOT NULL DEFAULT 0;`,
+	// 6: the downloads in progress of a rollout (its max_downloads limit,
+	// counted at every start) without reading its finished attempts.
+	`CREATE INDEX updates_live_by_rollout ON updates(rollout_id, status, updated_at) WHERE retired = 0;`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
