@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -45,6 +46,7 @@ type options struct {
 	timeout   time.Duration
 	keep      bool
 	addresses int
+	cpuProf   string
 }
 
 func main() {
@@ -55,10 +57,11 @@ func main() {
 	flag.IntVar(&o.imageKiB, "image-kib", 1024, "payload size of the new image in KiB")
 	flag.Float64Var(&o.speed, "speed", 30, "simulated seconds per real second (devices and the server's rollout clock)")
 	flag.DurationVar(&o.poll, "poll", 10*time.Minute, "the devices' check-in interval, simulated")
-	flag.IntVar(&o.maxDl, "max-downloads", 2000, "devices downloading at once (the rollout's limit)")
+	flag.IntVar(&o.maxDl, "max-downloads", 1500, "devices downloading at once (the rollout's limit; each holds its download in memory here)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up on one fleet after this long")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directories")
 	flag.IntVar(&o.addresses, "source-addresses", 256, "loopback source addresses the devices connect from")
+	flag.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the simulator while the fleet updates")
 	flag.Parse()
 	for _, s := range strings.Split(sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
@@ -87,11 +90,11 @@ func main() {
 			rows = append(rows, *r)
 		}
 	}
-	fmt.Println("\n| devices | enroll | time to update all | server peak RSS | check-ins | p50 | p99 | errors | bricked | MiB sent | MiB/s | vs loopback TLS |")
-	fmt.Println("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+	fmt.Println("\n| devices | enroll | time to update all | server peak RSS | check-ins | p50 | p99 | busy (503) | errors | bricked | MiB sent | MiB/s | vs loopback TLS |")
+	fmt.Println("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 	for _, r := range rows {
-		fmt.Printf("| %d | %.0f s | %.0f s | %.0f MiB | %d | %.1f ms | %.1f ms | %d | %d | %.0f | %.0f | %.2fx |\n",
-			r.devices, r.enroll.Seconds(), r.update.Seconds(), float64(r.rssKiB)/1024, r.checkIns, ms(r.p50), ms(r.p99), r.errors, r.bricked,
+		fmt.Printf("| %d | %.0f s | %.0f s | %.0f MiB | %d | %.1f ms | %.1f ms | %d | %d | %d | %.0f | %.0f | %.2fx |\n",
+			r.devices, r.enroll.Seconds(), r.update.Seconds(), float64(r.rssKiB)/1024, r.checkIns, ms(r.p50), ms(r.p99), r.busy, r.errors, r.bricked,
 			float64(r.bytes)/(1<<20), r.rate(), r.rate()/r.loopback)
 		if r.errors > 0 || r.bricked > 0 || !r.complete {
 			failed = true
@@ -111,6 +114,7 @@ type result struct {
 	checkIns         int64
 	p50, p99         time.Duration
 	errors, bricked  int
+	busy             int
 	bytes            int64
 	loopback         float64
 	complete         bool
@@ -241,6 +245,13 @@ func runFleet(o options, n int) (*result, error) {
 	}
 	start = time.Now()
 	f.ResetLatency() // latency and errors while the fleet updates
+	if o.cpuProf != "" {
+		pf, err := os.Create(fmt.Sprintf("%s.%d", o.cpuProf, n))
+		if err == nil {
+			pprof.StartCPUProfile(pf)
+			defer func() { pprof.StopCPUProfile(); pf.Close() }()
+		}
+	}
 	before := f.Snapshot()
 	last := time.Now()
 	for ctx.Err() == nil {
@@ -261,7 +272,10 @@ func runFleet(o options, n int) (*result, error) {
 	f.Stop()
 	st := f.Snapshot()
 	r.checkIns, r.p50, r.p99 = st.CheckIns, st.P50, st.P99
-	r.errors = int(st.CheckInErrors) + st.Outcomes["failed"] + st.Outcomes["rolled_back"]
+	// A 503 with Retry-After is the server pacing its load, not an error;
+	// any other failed check-in, and any update not committed, is.
+	r.busy = st.Errors[fleet.BusyKind]
+	r.errors = int(st.CheckInErrors) - r.busy + st.Outcomes["failed"] + st.Outcomes["rolled_back"]
 	r.bytes = st.Received - before.Received
 	r.clientRSSKiB = peakRSS(os.Getpid())
 	r.sharedFlashBlock = f.Pool().Blocks()

@@ -214,6 +214,10 @@ func (s Snapshot) Committed() int { return s.Outcomes[proto.StatusCommitted] }
 // RolledBack is how many updates were reported rolled back.
 func (s Snapshot) RolledBack() int { return s.Outcomes[proto.StatusRolledBack] }
 
+// BusyKind is the error kind of a 503 answer (the server pacing its load;
+// the device comes back after its Retry-After).
+const BusyKind = "busy (503)"
+
 // errorKind names a failed check-in's cause for the counters.
 func errorKind(err error) string {
 	var busy interface{ Retry() time.Duration }
@@ -221,7 +225,7 @@ func errorKind(err error) string {
 	msg := err.Error()
 	switch {
 	case errors.As(err, &busy):
-		return "busy (503, retried after the server's Retry-After)"
+		return BusyKind
 	case errors.Is(err, errLinkDown):
 		return "offline (simulated)"
 	case errors.As(err, &ne) && ne.Timeout():
