@@ -57,7 +57,7 @@ func main() {
 	flag.IntVar(&o.imageKiB, "image-kib", 1024, "payload size of the new image in KiB")
 	flag.Float64Var(&o.speed, "speed", 30, "simulated seconds per real second (devices and the server's rollout clock)")
 	flag.DurationVar(&o.poll, "poll", 10*time.Minute, "the devices' check-in interval, simulated")
-	flag.IntVar(&o.maxDl, "max-downloads", 1500, "devices downloading at once (the rollout's limit; each holds its download in memory here)")
+	flag.IntVar(&o.maxDl, "max-downloads", 1000, "devices downloading at once (the rollout's limit; each holds its download in memory here)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up on one fleet after this long")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directories")
 	flag.IntVar(&o.addresses, "source-addresses", 256, "loopback source addresses the devices connect from")

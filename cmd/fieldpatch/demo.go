@@ -166,6 +166,7 @@ type demoReport struct {
 	CheckIns   int64          `json:"check_ins"`
 	CheckInErr int64          `json:"check_in_errors"`
 	P50, P99   time.Duration  `json:"-"`
+	Errors     map[string]int `json:"check_in_errors_by_kind"`
 	Resumed    int64          `json:"tls_resumed"`
 	FullTLS    int64          `json:"tls_full_handshakes"`
 	Boots      int64          `json:"boots"`
@@ -426,7 +427,7 @@ func (d *demo) run() (*demoReport, error) {
 	rep.BytesSent = int64(srv.Metrics.Value("fieldpatch_download_bytes_total"))
 	rep.BytesNeed = int64(census.Versions["1.0.2"]) * int64(len(imgs["1.0.2"]))
 	rep.CheckIns, rep.CheckInErr, rep.P50, rep.P99, rep.Boots = final.CheckIns, final.CheckInErrors, final.P50, final.P99, final.Boots
-	rep.Resumed, rep.FullTLS = final.Resumed, final.FullHandshakes
+	rep.Resumed, rep.FullTLS, rep.Errors = final.Resumed, final.FullHandshakes, final.Errors
 	rep.Elapsed = time.Since(start).Seconds()
 	rep.Failures = append(rep.Failures, judgeDemo(rep)...)
 	return rep, nil
@@ -545,6 +546,22 @@ func (d *demo) until(what string, limit time.Duration, cond func() (bool, string
 	}
 }
 
+func kindsLine(m map[string]int) string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	var parts []string
+	for _, k := range ks {
+		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
+}
+
 func versionsLine(v map[string]int) string {
 	var ks []string
 	for k := range v {
@@ -587,7 +604,8 @@ func (d *demo) printReport(r *demoReport) {
 		fc.Drops, fc.Stalls, fc.Offline, fc.Slow, fc.Misbehaving)
 	fmt.Fprintf(w, "outcomes         committed %d, rolled back %d, failed %d (all releases)\n", r.Outcomes["committed"], r.Outcomes["rolled_back"], r.Outcomes["failed"])
 	fmt.Fprintf(w, "bytes sent       %.1f MiB by the server (the updated devices needed at least %.1f MiB)\n", float64(r.BytesSent)/(1<<20), float64(r.BytesNeed)/(1<<20))
-	fmt.Fprintf(w, "check-ins        %d, %d failed (offline links); latency p50 %v, p99 %v; %d power-ons\n", r.CheckIns, r.CheckInErr, r.P50.Round(100*time.Microsecond), r.P99.Round(100*time.Microsecond), r.Boots)
+	fmt.Fprintf(w, "check-ins        %d, latency p50 %v, p99 %v; %d failed %s; %d power-ons\n", r.CheckIns, r.P50.Round(100*time.Microsecond),
+		r.P99.Round(100*time.Microsecond), r.CheckInErr, kindsLine(r.Errors), r.Boots)
 	fmt.Fprintf(w, "connections      one per request: %d resumed a TLS session, %d full handshakes\n", r.Resumed, r.FullTLS)
 	fmt.Fprintf(w, "elapsed          %.0fs\n", r.Elapsed)
 	if len(r.Timeline) > 0 {

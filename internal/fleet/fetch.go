@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/device/slot"
@@ -77,6 +78,14 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 		if p.Offset > 0 {
 			return errors.New("the server ignored the range: starting over")
 		}
+	case resp.StatusCode == http.StatusServiceUnavailable:
+		// The server's downloads are at their bound: wait what it asks
+		// (real time, like any Retry-After here), then the agent retries.
+		secs, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
+		if err := sleep(ctx, time.Duration(max(secs, 1))*time.Second); err != nil {
+			return err
+		}
+		return fmt.Errorf("download %s: %s", url, resp.Status)
 	default:
 		return fmt.Errorf("download %s: %s", url, resp.Status)
 	}

@@ -35,8 +35,13 @@ type API struct {
 	// to 10% of jitter so a fleet does not come back in step.
 	PollInterval time.Duration
 	// MaxInFlight bounds concurrent requests; past it the API answers 503
-	// with Retry-After and devices back off.
+	// with Retry-After and devices back off. Image downloads, which last
+	// long, have their own bound (MaxDownloads), so a fleet downloading
+	// does not crowd out check-ins and reports.
 	MaxInFlight int
+	// MaxDownloads bounds concurrent image downloads (default 1024); past
+	// it a download is answered 503 and the device resumes it later.
+	MaxDownloads int
 	// RetryAfter is what 503 answers ask devices to wait.
 	RetryAfter time.Duration
 	// Metrics, if set, counts check-ins, offers, downloads and reports.
@@ -48,13 +53,16 @@ type API struct {
 	// published as its targets are offered, and devices read its metadata.
 	Repo *repo.Repo
 
-	sem chan struct{}
+	sem, dlSem chan struct{}
 }
 
 // Handler returns the HTTP handler for the device API.
 func (a *API) Handler() http.Handler {
 	if a.MaxInFlight <= 0 {
 		a.MaxInFlight = 256
+	}
+	if a.MaxDownloads <= 0 {
+		a.MaxDownloads = 1024
 	}
 	if a.PollInterval <= 0 {
 		a.PollInterval = time.Hour
@@ -75,10 +83,11 @@ func (a *API) Handler() http.Handler {
 	a.Metrics.Counter("fieldpatch_reports_total", "Device reports stored, by status.", "status")
 	a.Metrics.Counter("fieldpatch_shed_total", "Requests answered 503 because too many were in flight.")
 	a.sem = make(chan struct{}, a.MaxInFlight)
+	a.dlSem = make(chan struct{}, a.MaxDownloads)
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+proto.PathCheckIn, a.device(a.checkIn))
-	mux.HandleFunc("GET "+proto.PathBlobs+"{sum}", a.device(a.blob))
-	mux.HandleFunc("HEAD "+proto.PathBlobs+"{sum}", a.device(a.blob))
+	mux.HandleFunc("GET "+proto.PathBlobs+"{sum}", a.limited(a.dlSem, a.blob))
+	mux.HandleFunc("HEAD "+proto.PathBlobs+"{sum}", a.limited(a.dlSem, a.blob))
 	mux.HandleFunc("POST "+proto.PathReports, a.device(a.report))
 	mux.HandleFunc("POST "+proto.PathRenew, a.device(a.renew))
 	mux.HandleFunc("POST "+proto.PathEnroll, a.enroll)
@@ -90,11 +99,14 @@ type deviceHandler func(w http.ResponseWriter, r *http.Request, deviceID string)
 
 // device wraps a handler: load shedding, then the device's identity from
 // its verified client certificate.
-func (a *API) device(h deviceHandler) http.HandlerFunc {
+func (a *API) device(h deviceHandler) http.HandlerFunc { return a.limited(a.sem, h) }
+
+// limited is device with the in-flight bound sem.
+func (a *API) limited(sem chan struct{}, h deviceHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		select {
-		case a.sem <- struct{}{}:
-			defer func() { <-a.sem }()
+		case sem <- struct{}{}:
+			defer func() { <-sem }()
 		default:
 			a.Metrics.Add("fieldpatch_shed_total", 1)
 			w.Header().Set("Retry-After", strconv.Itoa(int(a.RetryAfter.Seconds())))

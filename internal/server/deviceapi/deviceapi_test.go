@@ -261,6 +261,28 @@ func TestLoadShedding(t *testing.T) {
 	}
 }
 
+// Downloads have their own bound: a fleet downloading does not crowd out
+// check-ins, and past it a download is answered 503.
+func TestDownloadsBoundedApart(t *testing.T) {
+	e := newEnv(t)
+	api := &API{Store: e.st, MaxInFlight: 1, MaxDownloads: 2, RetryAfter: 5e9}
+	h := api.Handler()
+	api.dlSem <- struct{}{}
+	api.dlSem <- struct{}{} // two downloads in flight: the download bound is reached
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", proto.PathBlobs+strings.Repeat("ab", 32), nil))
+	if rec.Code != 503 || rec.Header().Get("Retry-After") != "5" {
+		t.Fatalf("download past its bound: %d, Retry-After %q", rec.Code, rec.Header().Get("Retry-After"))
+	}
+	// A check-in still gets through (and is refused for its missing
+	// certificate, not shed).
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", proto.PathCheckIn, strings.NewReader("{}")))
+	if rec.Code != 401 {
+		t.Fatalf("check-in while downloads are at their bound: %d, want 401 (not shed)", rec.Code)
+	}
+}
+
 // A revoked device is refused on its next request, on every endpoint.
 func TestRevokedDeviceRefused(t *testing.T) {
 	e := newEnv(t)
