@@ -546,7 +546,9 @@ func (d *demo) until(what string, limit time.Duration, cond func() (bool, string
 	}
 }
 
-func kindsLine(m map[string]int) string {
+// countsLine lists a map's counts in key order, each with format (key,
+// count).
+func countsLine(m map[string]int, format string) string {
 	var ks []string
 	for k := range m {
 		ks = append(ks, k)
@@ -554,25 +556,18 @@ func kindsLine(m map[string]int) string {
 	sort.Strings(ks)
 	var parts []string
 	for _, k := range ks {
-		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
-	}
-	if len(parts) == 0 {
-		return ""
-	}
-	return "(" + strings.Join(parts, ", ") + ")"
-}
-
-func versionsLine(v map[string]int) string {
-	var ks []string
-	for k := range v {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	var parts []string
-	for _, k := range ks {
-		parts = append(parts, fmt.Sprintf("%s on %d", k, v[k]))
+		parts = append(parts, fmt.Sprintf(format, k, m[k]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+func versionsLine(v map[string]int) string { return countsLine(v, "%s on %d") }
+
+func kindsLine(m map[string]int) string {
+	if len(m) == 0 {
+		return ""
+	}
+	return "(" + countsLine(m, "%s %d") + ")"
 }
 
 func (d *demo) printReport(r *demoReport) {
@@ -594,12 +589,7 @@ func (d *demo) printReport(r *demoReport) {
 		fmt.Fprintf(w, "bricked          %d (every device powered on through the boot selector)\n", len(r.Bricked))
 	}
 	fc := r.Faults
-	var areas []string
-	for a, n := range fc.CutsByArea {
-		areas = append(areas, fmt.Sprintf("%s %d", a, n))
-	}
-	sort.Strings(areas)
-	fmt.Fprintf(w, "faults injected  power cuts %d (in slot or environment writes %d; by area: %s)\n", fc.PowerCuts, fc.CutsInSlotOrEnv, strings.Join(areas, ", "))
+	fmt.Fprintf(w, "faults injected  power cuts %d (in slot or environment writes %d; by area: %s)\n", fc.PowerCuts, fc.CutsInSlotOrEnv, countsLine(fc.CutsByArea, "%s %d"))
 	fmt.Fprintf(w, "                 links dropped %d, stalled %d mid-download; %d devices offline for a while, %d on slow links, %d misbehaving\n",
 		fc.Drops, fc.Stalls, fc.Offline, fc.Slow, fc.Misbehaving)
 	fmt.Fprintf(w, "outcomes         committed %d, rolled back %d, failed %d (all releases)\n", r.Outcomes["committed"], r.Outcomes["rolled_back"], r.Outcomes["failed"])

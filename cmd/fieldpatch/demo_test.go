@@ -28,19 +28,7 @@ func TestDemo(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
 	}
-	var rep struct {
-		Devices       int            `json:"devices"`
-		BadTripped    bool           `json:"bad_tripped"`
-		BadOutside    int            `json:"bad_started_outside_canary"`
-		BadRolledBack int            `json:"bad_rolled_back"`
-		Census        map[string]int `json:"census"`
-		Bricked       []string       `json:"bricked"`
-		Patched       float64        `json:"patched_share"`
-		BytesSent     int64          `json:"bytes_sent"`
-		BytesNeed     int64          `json:"bytes_needed"`
-		Faults        fleet.FaultCounts
-		Timeline      []fleet.Point `json:"timeline"`
-	}
+	var rep demoReport
 	b, err := os.ReadFile(filepath.Join(dir, "report.json"))
 	if err != nil {
 		t.Fatal(err)

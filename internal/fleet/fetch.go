@@ -20,24 +20,18 @@ import (
 // is where downloads get dropped or stalled.
 type fetcher struct{ d *Device }
 
-type fetchProgress struct {
-	URL    string `json:"url"`
-	Offset int64  `json:"offset"`
-	Done   bool   `json:"done"`
-}
-
 // checkpointEvery is how often a download is made durable.
 const checkpointEvery = 256 << 10
 
 func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progress func(done, total int64)) error {
 	fsys := f.d.sim.FS()
 	progPath := dst + ".progress"
-	var p fetchProgress
+	var p agent.FetchProgress
 	if b, err := fsys.ReadFile(progPath); err == nil {
 		json.Unmarshal(b, &p)
 	}
 	if p.URL != url {
-		p = fetchProgress{URL: url}
+		p = agent.FetchProgress{URL: url}
 	}
 	if p.Done {
 		return nil
@@ -59,17 +53,12 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 	if _, err := out.Write(kept); err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return err
-	}
 	if p.Offset > 0 {
-		req.Header.Set("Range", "bytes="+strconv.FormatInt(p.Offset, 10)+"-")
 		f.d.f.stats.resumes.Add(1)
 	}
-	resp, err := f.d.lnk.HTTP.Do(req)
+	resp, err := agent.GetFrom(ctx, f.d.lnk.HTTP, url, p.Offset)
 	if err != nil {
-		return fmt.Errorf("download %s: %w", url, err)
+		return err
 	}
 	defer resp.Body.Close()
 	switch {

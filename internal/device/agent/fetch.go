@@ -24,10 +24,28 @@ type HTTPFetcher struct {
 	MaxSize         int64 // refuse larger downloads; default 4 GiB
 }
 
-type fetchProgress struct {
+// FetchProgress is what a download has made durable (kept beside the
+// file as DST.progress): the URL, the bytes synced, and whether it is whole.
+type FetchProgress struct {
 	URL    string `json:"url"`
 	Offset int64  `json:"offset"`
 	Done   bool   `json:"done"`
+}
+
+// GetFrom asks for url from offset on: a Range request when offset > 0.
+func GetFrom(ctx context.Context, c *http.Client, url string, offset int64) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	if offset > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(offset, 10)+"-")
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("download %s: %w", url, err)
+	}
+	return resp, nil
 }
 
 func (f *HTTPFetcher) client() *http.Client {
@@ -40,15 +58,15 @@ func (f *HTTPFetcher) client() *http.Client {
 	}}
 }
 
-func readProgress(path string) fetchProgress {
-	var p fetchProgress
+func readProgress(path string) FetchProgress {
+	var p FetchProgress
 	if b, err := os.ReadFile(path); err == nil {
 		json.Unmarshal(b, &p)
 	}
 	return p
 }
 
-func writeProgress(path string, p fetchProgress) error {
+func writeProgress(path string, p FetchProgress) error {
 	b, _ := json.Marshal(p)
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o644); err != nil {
@@ -95,7 +113,7 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	progPath := dst + ".progress"
 	p := readProgress(progPath)
 	if p.URL != url {
-		p = fetchProgress{URL: url}
+		p = FetchProgress{URL: url}
 	}
 	if p.Done {
 		return nil
@@ -108,16 +126,9 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	if err := out.Truncate(p.Offset); err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := GetFrom(ctx, f.client(), url, p.Offset)
 	if err != nil {
 		return err
-	}
-	if p.Offset > 0 {
-		req.Header.Set("Range", "bytes="+strconv.FormatInt(p.Offset, 10)+"-")
-	}
-	resp, err := f.client().Do(req)
-	if err != nil {
-		return fmt.Errorf("download %s: %w", url, err)
 	}
 	defer resp.Body.Close()
 	switch {
