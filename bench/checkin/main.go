@@ -30,10 +30,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/fieldpatch/fieldpatch/bench/internal/harness"
 	"io"
 	"math"
 	mrand "math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -127,7 +127,7 @@ func run(o options) error {
 	}
 	os.Remove(filepath.Join(data, "image-keys", "bench.pem")) // the server needs only the public half
 
-	addr, err := freeAddr()
+	addr, err := harness.FreeAddr()
 	if err != nil {
 		return err
 	}
@@ -139,9 +139,9 @@ func run(o options) error {
 	if err := srv.Start(); err != nil {
 		return err
 	}
-	defer stop(srv, 10*time.Second)
+	defer harness.Stop(srv, 10*time.Second)
 	base := "https://" + addr
-	pool, err := waitReady(base, filepath.Join(data, "pki", "ca.pem"))
+	pool, err := harness.WaitReady(base, filepath.Join(data, "pki", "ca.pem"))
 	if err != nil {
 		return fmt.Errorf("server: %w (see %s)", err, filepath.Join(dir, "server.log"))
 	}
@@ -183,7 +183,7 @@ func run(o options) error {
 	blobPath := proto.PathBlobs + sum
 
 	// nginx, with the same certificate, CA and pinning.
-	ngAddr, err := freeAddr()
+	ngAddr, err := harness.FreeAddr()
 	if err != nil {
 		return err
 	}
@@ -192,7 +192,7 @@ func run(o options) error {
 		return err
 	}
 	defer ng()
-	if _, err := waitReady("https://"+ngAddr, filepath.Join(data, "pki", "ca.pem")); err != nil {
+	if _, err := harness.WaitReady("https://"+ngAddr, filepath.Join(data, "pki", "ca.pem")); err != nil {
 		return fmt.Errorf("nginx: %w", err)
 	}
 	if got, err := checkinOnce("https://"+ngAddr, pool, devs[1], body); err != nil || !bytes.Equal(got, answer) {
@@ -259,42 +259,6 @@ func run(o options) error {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
-// waitReady polls /healthz until the server answers.
-func waitReady(base, caFile string) (*x509.CertPool, error) {
-	var last error
-	for range 200 {
-		time.Sleep(50 * time.Millisecond)
-		ca, err := os.ReadFile(caFile)
-		if err != nil {
-			last = err
-			continue
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(ca)
-		c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-		resp, err := c.Get(base + "/healthz")
-		if err != nil {
-			last = err
-			continue
-		}
-		resp.Body.Close()
-		if resp.StatusCode == 200 {
-			return pool, nil
-		}
-		return pool, fmt.Errorf("/healthz: %d", resp.StatusCode)
-	}
-	return nil, fmt.Errorf("not ready: %v", last)
-}
 
 type adminClient struct {
 	base, token string
@@ -600,20 +564,9 @@ http {
 		return nil, err
 	}
 	return func() {
-		stop(cmd, 5*time.Second)
+		harness.Stop(cmd, 5*time.Second)
 		out.Close()
 	}, nil
 }
 
 // stop interrupts a process and waits for it, killing it after grace.
-func stop(cmd *exec.Cmd, grace time.Duration) {
-	cmd.Process.Signal(os.Interrupt)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(grace):
-		cmd.Process.Kill()
-		<-done
-	}
-}

@@ -18,10 +18,10 @@ import (
 	"crypto/x509/pkix"
 	"flag"
 	"fmt"
+	"github.com/fieldpatch/fieldpatch/bench/internal/harness"
 	"io"
 	"math/big"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -161,7 +161,7 @@ func runFleet(o options, n int) (*result, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(data)
-	addr, err := freeAddr()
+	addr, err := harness.FreeAddr()
 	if err != nil {
 		return nil, err
 	}
@@ -173,9 +173,9 @@ func runFleet(o options, n int) (*result, error) {
 	if err := srv.Start(); err != nil {
 		return nil, err
 	}
-	defer stop(srv)
+	defer harness.Stop(srv, 20*time.Second)
 	url := "https://" + addr
-	if err := waitReady(url, filepath.Join(data, "pki", "ca.pem")); err != nil {
+	if _, err := harness.WaitReady(url, filepath.Join(data, "pki", "ca.pem")); err != nil {
 		return nil, err
 	}
 	remote := []string{"--server", url, "--data-dir", data}
@@ -345,53 +345,6 @@ func loopbackTLS(total int64) (float64, error) {
 		return 0, err
 	}
 	return float64(n) / (1 << 20) / time.Since(start).Seconds(), nil
-}
-
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
-func waitReady(base, caFile string) error {
-	var last error
-	for range 400 {
-		time.Sleep(50 * time.Millisecond)
-		ca, err := os.ReadFile(caFile)
-		if err != nil {
-			last = err
-			continue
-		}
-		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(ca)
-		c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-		resp, err := c.Get(base + "/healthz")
-		if err != nil {
-			last = err
-			continue
-		}
-		resp.Body.Close()
-		if resp.StatusCode == 200 {
-			return nil
-		}
-		last = fmt.Errorf("/healthz: %d", resp.StatusCode)
-	}
-	return fmt.Errorf("server not ready: %v", last)
-}
-
-func stop(cmd *exec.Cmd) {
-	cmd.Process.Signal(os.Interrupt)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		cmd.Process.Kill()
-		<-done
-	}
 }
 
 func selfSigned(key crypto.Signer) (tls.Certificate, error) {

@@ -1,0 +1,65 @@
+// Package harness is what the benchmark programs share: a free loopback
+// address, waiting for a server to be ready, stopping a child gracefully.
+package harness
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"time"
+)
+
+// FreeAddr is a loopback address with a port free now.
+func FreeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// WaitReady polls /healthz until the server answers; it returns the
+// server's CA as a pool.
+func WaitReady(base, caFile string) (*x509.CertPool, error) {
+	var last error
+	for range 200 {
+		time.Sleep(50 * time.Millisecond)
+		ca, err := os.ReadFile(caFile)
+		if err != nil {
+			last = err
+			continue
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(ca)
+		c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		resp, err := c.Get(base + "/healthz")
+		if err != nil {
+			last = err
+			continue
+		}
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			return pool, nil
+		}
+		return pool, fmt.Errorf("/healthz: %d", resp.StatusCode)
+	}
+	return nil, fmt.Errorf("not ready: %v", last)
+}
+
+// Stop asks a child to stop (SIGINT) and kills it after grace.
+func Stop(cmd *exec.Cmd, grace time.Duration) {
+	cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		cmd.Process.Kill()
+		<-done
+	}
+}
