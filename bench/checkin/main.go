@@ -73,24 +73,7 @@ func main() {
 	flag.StringVar(&o.loadCPU, "load-cpu", "1", "CPU list for this load generator")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory")
 	flag.Parse()
-	if os.Getenv("FIELDPATCH_BENCH_PINNED") == "" {
-		// Re-run pinned to the load generator's core.
-		self, err := os.Executable()
-		if err == nil {
-			cmd := exec.Command("taskset", append([]string{"-c", o.loadCPU, self}, os.Args[1:]...)...)
-			cmd.Env = append(os.Environ(), "FIELDPATCH_BENCH_PINNED=1")
-			cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-			if err := cmd.Run(); err != nil {
-				var ee *exec.ExitError
-				if errors.As(err, &ee) {
-					os.Exit(ee.ExitCode())
-				}
-				fmt.Fprintln(os.Stderr, "checkin: taskset:", err)
-				os.Exit(1)
-			}
-			return
-		}
-	}
+	harness.PinSelf(o.loadCPU) // re-run pinned to the load generator's core
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "checkin:", err)
 		os.Exit(1)

@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -47,6 +48,8 @@ type options struct {
 	keep      bool
 	addresses int
 	cpuProf   string
+	serverCPU string
+	fleetCPU  string
 }
 
 func main() {
@@ -62,7 +65,10 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directories")
 	flag.IntVar(&o.addresses, "source-addresses", 256, "loopback source addresses the devices connect from")
 	flag.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the simulator while the fleet updates")
+	flag.StringVar(&o.serverCPU, "server-cpu", "0", "CPU list for the server (taskset -c)")
+	flag.StringVar(&o.fleetCPU, "fleet-cpu", "1", "CPU list for the simulated fleet (this program)")
 	flag.Parse()
+	harness.PinSelf(o.fleetCPU)
 	for _, s := range strings.Split(sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
@@ -165,7 +171,7 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
-	srv := exec.Command(fp, "serve", "--listen", addr, "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
+	srv := exec.Command("taskset", "-c", o.serverCPU, fp, "serve", "--listen", addr, "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
 		"--poll-interval", o.poll.String(), "--rollout-tick", "1s", "--time-scale", fmt.Sprint(o.speed), "--log-format", "json")
 	logf, _ := os.Create(filepath.Join(data, "server.log"))
 	defer logf.Close()
@@ -215,6 +221,7 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer debug.SetGCPercent(debug.SetGCPercent(fleet.GCPercent))
 	f, err := fleet.New(fleet.Config{Devices: n, IDPrefix: "b", Server: url, CAPEM: caPEM, Token: strings.TrimSpace(strings.SplitN(tok, "\n", 2)[0]),
 		Dir: filepath.Join(dir, "fleet"), Factory: imgs["1.0.0"], Keys: []boot.TrustedKey{{Key: pub}}, HWClass: "bench-lock",
 		Speed: o.speed, Addresses: o.addresses, Seed: 1})
@@ -269,8 +276,8 @@ func runFleet(o options, n int) (*result, error) {
 	}
 	r.update = time.Since(start)
 	r.rssKiB = peakRSS(srv.Process.Pid)
+	st := f.Snapshot() // before Stop, which cancels what is in flight
 	f.Stop()
-	st := f.Snapshot()
 	r.checkIns, r.p50, r.p99 = st.CheckIns, st.P50, st.P99
 	// A 503 with Retry-After is the server pacing its load, not an error;
 	// any other failed check-in, and any update not committed, is.
@@ -282,6 +289,11 @@ func runFleet(o options, n int) (*result, error) {
 	census := f.PowerOnAll(context.Background())
 	r.bricked = len(census.Bricked)
 	if census.Versions["1.0.1"] != n {
+		r.complete = false
+	}
+	// Every updated device downloaded the whole image at least once.
+	if need := int64(n) * int64(len(imgs["1.0.1"])); r.bytes < need {
+		fmt.Printf("  only %d bytes received for %d devices of a %d-byte image\n", r.bytes, n, len(imgs["1.0.1"]))
 		r.complete = false
 	}
 	fmt.Printf("  check-in errors by kind: %v\n", st.Errors)

@@ -5,6 +5,7 @@ package harness
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -62,4 +63,30 @@ func Stop(cmd *exec.Cmd, grace time.Duration) {
 		cmd.Process.Kill()
 		<-done
 	}
+}
+
+// PinSelf runs this program again pinned to the CPUs listed (taskset -c)
+// and exits with its exit code; in the pinned copy it returns. Measuring
+// a server on one core and its load on another keeps them from taking
+// each other's time, and runs comparable.
+func PinSelf(cpus string) {
+	if os.Getenv("FIELDPATCH_BENCH_PINNED") != "" {
+		return
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return
+	}
+	cmd := exec.Command("taskset", append([]string{"-c", cpus, self}, os.Args[1:]...)...)
+	cmd.Env = append(os.Environ(), "FIELDPATCH_BENCH_PINNED=1")
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.ExitCode())
+		}
+		fmt.Fprintln(os.Stderr, "taskset:", err)
+		os.Exit(1)
+	}
+	os.Exit(0)
 }

@@ -84,6 +84,10 @@ type Options struct {
 	// SessionCache, if set, keeps the TLS sessions to resume (default: a
 	// small cache of the link's own).
 	SessionCache tls.ClientSessionCache
+	// Curves, if set, are the key exchanges offered (default Go's: the
+	// X25519 + ML-KEM-768 hybrid first). A constrained device's TLS stack
+	// may offer X25519 alone.
+	Curves []tls.CurveID
 }
 
 // Open reads a bundle and makes the mutual-TLS client.
@@ -151,6 +155,7 @@ func OpenWith(dir string, o Options) (*Link, error) {
 	if o.Dial != nil {
 		tr.DialContext = o.Dial
 	}
+	tr.TLSClientConfig.CurvePreferences = o.Curves
 	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
 	return l, nil
 }
