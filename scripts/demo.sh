@@ -135,7 +135,7 @@ step "15. Over the network: a real update server, a provisioned device, a rollou
 srvdata="$work/server"
 mkdir -p "$srvdata/image-keys"
 cp "$work/release-key.pub.pem" "$srvdata/image-keys/"
-"$FP" serve --listen 127.0.0.1:0 --data-dir "$srvdata" --poll-interval 1s > "$work/serve.out" 2> "$work/serve.log" &
+"$FP" serve --listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --data-dir "$srvdata" --poll-interval 1s > "$work/serve.out" 2> "$work/serve.log" &
 srvpid=$!
 trap 'kill $srvpid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 50); do grep -q '^serving on' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done

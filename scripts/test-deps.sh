@@ -21,6 +21,7 @@ packages=(
 	fdisk            # sfdisk: the virtual board's partition table
 	dosfstools       # mkfs.vfat: the boot partition
 	mtools           # mcopy: boot.scr onto the FAT image without mounting
+	mosquitto-clients # mosquitto_sub / mosquitto_pub: the MQTT broker's real peers
 )
 # make bench (scripts/test-deps.sh --bench) also needs the peers it measures against.
 if [ "${1:-}" = "--bench" ]; then

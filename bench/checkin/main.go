@@ -115,7 +115,7 @@ func run(o options) error {
 		return err
 	}
 	srv := exec.Command("taskset", "-c", o.serverCPU, filepath.Join(o.bin, "fieldpatch"), "serve",
-		"--listen", addr, "--data-dir", data, "--poll-interval", "1h", "--log-format", "json")
+		"--listen", addr, "--data-dir", data, "--poll-interval", "1h", "--mqtt-listen", "off", "--log-format", "json")
 	logf, _ := os.Create(filepath.Join(dir, "server.log"))
 	defer logf.Close()
 	srv.Stdout, srv.Stderr = logf, logf

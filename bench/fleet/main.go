@@ -48,6 +48,7 @@ type options struct {
 	keep      bool
 	addresses int
 	cpuProf   string
+	memProf   string
 	serverCPU string
 	fleetCPU  string
 }
@@ -58,13 +59,14 @@ func main() {
 	flag.StringVar(&o.bin, "bin", "bin", "directory holding the fieldpatch binary")
 	flag.StringVar(&sizes, "devices", "10000,50000", "fleet sizes, comma-separated")
 	flag.IntVar(&o.imageKiB, "image-kib", 1024, "payload size of the new image in KiB")
-	flag.Float64Var(&o.speed, "speed", 30, "simulated seconds per real second (devices and the server's rollout clock)")
-	flag.DurationVar(&o.poll, "poll", 10*time.Minute, "the devices' check-in interval, simulated")
+	flag.Float64Var(&o.speed, "speed", 10, "simulated seconds per real second (devices and the server's rollout clock)")
+	flag.DurationVar(&o.poll, "poll", time.Hour, "the devices' check-in interval, simulated (an hour at 10x: 6 real minutes)")
 	flag.IntVar(&o.maxDl, "max-downloads", 1000, "devices downloading at once (the rollout's limit; each holds its download in memory here)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up on one fleet after this long")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directories")
 	flag.IntVar(&o.addresses, "source-addresses", 256, "loopback source addresses the devices connect from")
 	flag.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the simulator while the fleet updates")
+	flag.StringVar(&o.memProf, "memprofile", "", "write a heap profile of the simulator when the fleet has updated")
 	flag.StringVar(&o.serverCPU, "server-cpu", "0", "CPU list for the server (taskset -c)")
 	flag.StringVar(&o.fleetCPU, "fleet-cpu", "1", "CPU list for the simulated fleet (this program)")
 	flag.Parse()
@@ -171,7 +173,7 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
-	srv := exec.Command("taskset", "-c", o.serverCPU, fp, "serve", "--listen", addr, "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
+	srv := exec.Command("taskset", "-c", o.serverCPU, fp, "serve", "--listen", addr, "--mqtt-listen", "off", "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
 		"--poll-interval", o.poll.String(), "--rollout-tick", "1s", "--time-scale", fmt.Sprint(o.speed), "--log-format", "json")
 	logf, _ := os.Create(filepath.Join(data, "server.log"))
 	defer logf.Close()
@@ -276,6 +278,12 @@ func runFleet(o options, n int) (*result, error) {
 	}
 	r.update = time.Since(start)
 	r.rssKiB = peakRSS(srv.Process.Pid)
+	if o.memProf != "" {
+		if pf, err := os.Create(fmt.Sprintf("%s.%d", o.memProf, n)); err == nil {
+			pprof.WriteHeapProfile(pf)
+			pf.Close()
+		}
+	}
 	st := f.Snapshot() // before Stop, which cancels what is in flight
 	f.Stop()
 	r.checkIns, r.p50, r.p99 = st.CheckIns, st.P50, st.P99

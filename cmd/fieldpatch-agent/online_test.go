@@ -47,7 +47,7 @@ func newServer(t *testing.T, listen string, env ...string) *liveServer {
 func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServer {
 	t.Helper()
 	s := &liveServer{t: t, bin: fieldpatchBinary(t), dataDir: dataDir}
-	args := []string{"serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s"}
+	args := []string{"serve", "--listen", listen, "--data-dir", dataDir, "--poll-interval", "1s", "--mqtt-listen", "127.0.0.1:0"}
 	s.cmd = exec.Command(s.bin)
 	s.cmd.Env = os.Environ()
 	for _, e := range env { // "--flag=value" entries are server flags, the rest environment

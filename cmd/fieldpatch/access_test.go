@@ -48,7 +48,7 @@ func serveInProcess(t *testing.T, flags ...string) (string, string) {
 	var out, errs syncBuffer
 	done := make(chan int)
 	go func() {
-		done <- run(ctx, append([]string{"serve", "--listen", addr, "--data-dir", dir}, flags...), &out, &errs)
+		done <- run(ctx, append([]string{"serve", "--listen", addr, "--data-dir", dir, "--mqtt-listen", "127.0.0.1:0"}, flags...), &out, &errs)
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	for i := 0; i < 200 && !strings.Contains(out.String(), "serving on"); i++ {
@@ -56,6 +56,9 @@ func serveInProcess(t *testing.T, flags ...string) (string, string) {
 	}
 	if !strings.Contains(out.String(), "serving on") {
 		t.Fatalf("the server did not start: %s", errs.String())
+	}
+	if !strings.Contains(out.String(), "MQTT broker     mqtts://127.0.0.1:") {
+		t.Fatalf("the server did not start its MQTT broker: %s", out.String())
 	}
 	return "https://" + addr, dir
 }

@@ -212,7 +212,11 @@ func TestServerConfigLayers(t *testing.T) {
 	if _, err := serverConfig(f); cli.Code(err) != cli.ExitUsage {
 		t.Errorf("bad duration: %v", err)
 	}
-	if cfg, _ := serverConfig(""); cfg.Listen != "127.0.0.1:8443" || cfg.DataDir != "fieldpatch-data" {
+	if cfg, _ := serverConfig(""); cfg.Listen != "127.0.0.1:8443" || cfg.DataDir != "fieldpatch-data" || cfg.MQTTListen != "127.0.0.1:8883" {
 		t.Errorf("defaults: %+v", cfg)
+	}
+	os.WriteFile(f, []byte(`{"mqtt_listen": "off"}`), 0o644)
+	if cfg, err := serverConfig(f); err != nil || cfg.MQTTListen != "" {
+		t.Errorf("mqtt_listen off: %q %v", cfg.MQTTListen, err)
 	}
 }

@@ -50,8 +50,12 @@ or given with --image-key. Operations: Prometheus metrics at /metrics,
 liveness at /healthz, readiness (the database answers) at /readyz; on
 SIGINT or SIGTERM it stops accepting and finishes requests in flight.
 
+An embedded MQTT broker (--mqtt-listen, on by default) lets devices hear
+at once that an update may wait for them: TLS 1.3 with the same device
+certificates, each device only on its own topics (fp/dev/ID/...).
+
 Settings come from an optional JSON file (--config: "listen", "data_dir",
-"hosts", "image_keys", "poll_interval"), then FIELDPATCH_LISTEN and
+"hosts", "image_keys", "poll_interval", "mqtt_listen"), then FIELDPATCH_LISTEN and
 FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	cfgFile := fs.String("config", "", "optional JSON configuration file")
 	listen := fs.String("listen", "", "address to serve HTTPS on (default 127.0.0.1:8443)")
@@ -63,6 +67,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	certLife := fs.Duration("device-cert-lifetime", 0, "validity of device certificates (default 8760h); agents renew at a third left")
 	tick := fs.Duration("rollout-tick", 0, "how often rollouts' gates are judged and phases advanced (default 10s)")
+	mqttListen := fs.String("mqtt-listen", "", `address of the embedded MQTT broker for device notifications (default 127.0.0.1:8883; "off" for none)`)
 	maxConns := fs.Int("max-conns", 0, "connections held at once; more wait to be accepted (default 10000)")
 	timeScale := fs.Float64("time-scale", 1, "run rollout scheduling (soak, windows, rate limits, silence) this many times faster than real time: for fleet simulations only")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
@@ -93,6 +98,9 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 		cfg.RolloutTick = *tick
 	}
 	cfg.MaxConns = *maxConns
+	if *mqttListen != "" {
+		cfg.MQTTListen = mqttAddr(*mqttListen)
+	}
 	if *timeScale <= 0 {
 		return cli.Usagef("--time-scale must be positive")
 	}
@@ -122,6 +130,9 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	}
 	fmt.Fprintf(stdout, "serving on https://%s\n  CA certificate  %s\n  admin token     %s\n",
 		ln.Addr(), filepath.Join(cfg.DataDir, "pki", "ca.pem"), filepath.Join(cfg.DataDir, "admin.token"))
+	if srv.Broker != nil {
+		fmt.Fprintf(stdout, "  MQTT broker     mqtts://%s (device certificates; topics fp/dev/ID/...)\n", srv.Broker.Addr())
+	}
 	if err := srv.Serve(ctx, ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return cli.Failed(err)
 	}
@@ -130,7 +141,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 
 // serverConfig reads the optional configuration file over the defaults.
 func serverConfig(path string) (server.Config, error) {
-	cfg := server.Config{Listen: "127.0.0.1:8443", DataDir: "fieldpatch-data", PollInterval: time.Hour}
+	cfg := server.Config{Listen: "127.0.0.1:8443", DataDir: "fieldpatch-data", PollInterval: time.Hour, MQTTListen: "127.0.0.1:8883"}
 	if path == "" {
 		return cfg, nil
 	}
@@ -140,6 +151,7 @@ func serverConfig(path string) (server.Config, error) {
 		Hosts        []string `json:"hosts"`
 		ImageKeys    []string `json:"image_keys"`
 		PollInterval string   `json:"poll_interval"`
+		MQTTListen   *string  `json:"mqtt_listen"`
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -157,6 +169,9 @@ func serverConfig(path string) (server.Config, error) {
 		cfg.DataDir = f.DataDir
 	}
 	cfg.Hosts, cfg.ImageKeys = f.Hosts, f.ImageKeys
+	if f.MQTTListen != nil {
+		cfg.MQTTListen = mqttAddr(*f.MQTTListen)
+	}
 	if f.PollInterval != "" {
 		d, err := time.ParseDuration(f.PollInterval)
 		if err != nil || d <= 0 {
@@ -565,4 +580,12 @@ func scaledClock(scale float64) func() time.Time {
 	return func() time.Time {
 		return start.Add(time.Duration(float64(time.Since(start)) * scale))
 	}
+}
+
+// mqttAddr is the broker address a setting asks for ("off": none).
+func mqttAddr(v string) string {
+	if v == "off" || v == "none" {
+		return ""
+	}
+	return v
 }

@@ -28,6 +28,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/notify"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
 	"github.com/fieldpatch/fieldpatch/internal/server/repo"
 	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
@@ -63,6 +64,9 @@ type Config struct {
 	// MaxConns caps the connections held at once (default
 	// DefaultMaxConns); more wait to be accepted.
 	MaxConns int
+	// MQTTListen is the address of the embedded MQTT broker devices
+	// connect to for notifications (empty: no broker).
+	MQTTListen string
 }
 
 // Validate checks the configuration.
@@ -100,6 +104,8 @@ type Server struct {
 	Repo     *repo.Repo
 	tick     time.Duration
 	maxConns int
+	// Broker is the embedded MQTT broker (nil when off).
+	Broker *notify.Broker
 	log      *slog.Logger
 }
 
@@ -206,7 +212,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		tick = 10 * time.Second
 	}
 	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) { reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind) }}
-	return &Server{
+	srv := &Server{
 		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick, Repo: tuf, maxConns: cmp.Or(c.MaxConns, DefaultMaxConns),
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
@@ -215,7 +221,17 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 			ClientCAs:    ca.Pool(),
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
-	}, nil
+	}
+	if c.MQTTListen != "" {
+		b, err := notify.Listen(c.MQTTListen, notify.Config{TLS: srv.TLS, Log: lg,
+			Allowed: func(id string) bool { return st.Active(context.Background(), id) == nil }})
+		if err != nil {
+			st.Close()
+			return nil, err
+		}
+		srv.Broker = b
+	}
+	return srv, nil
 }
 
 // Serve serves on ln until ctx ends, then shuts down gracefully.
@@ -233,6 +249,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	ectx, stopEngine := context.WithCancel(ctx)
 	defer stopEngine()
 	go s.Engine.Run(ectx, s.tick)
+	if s.Broker != nil {
+		if err := s.Broker.Serve(); err != nil {
+			return fmt.Errorf("mqtt broker: %w", err)
+		}
+		s.log.Info("mqtt broker serving", "addr", s.Broker.Addr().String())
+		defer s.Broker.Close()
+	}
 	go s.refreshTUF(ectx)
 	select {
 	case err := <-errc:
@@ -289,7 +312,12 @@ func (s *statusWriter) WriteHeader(code int) {
 func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 // Close closes the store.
-func (s *Server) Close() error { return s.Store.Close() }
+func (s *Server) Close() error {
+	if s.Broker != nil {
+		s.Broker.Close()
+	}
+	return s.Store.Close()
+}
 
 type slogWriter struct{ l *slog.Logger }
 

@@ -1,0 +1,207 @@
+// Package notify is the server's MQTT broker (mochi-mqtt, embedded): devices
+// connect over TLS 1.3 with the same client certificates as the device API,
+// each may subscribe and publish only below its own topic prefix
+// (fp/dev/ID/), and the server publishes "update available" there so that a
+// device checks in within a second instead of at its next poll.
+package notify
+
+import (
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/pki"
+)
+
+// TopicPrefix is the root of every device's topics: TopicPrefix + ID + "/".
+const TopicPrefix = "fp/dev/"
+
+// NotifyTopic is where the server tells a device to check in.
+func NotifyTopic(deviceID string) string { return TopicPrefix + deviceID + "/notify" }
+
+// Notice is the payload of a notification.
+type Notice struct {
+	Kind string    `json:"kind"` // "update": an update may be waiting; check in
+	At   time.Time `json:"at"`
+}
+
+// Config configures the broker.
+type Config struct {
+	// TLS is the server's TLS configuration: its certificate, and the
+	// device CA as ClientCAs (client certificates are required).
+	TLS *tls.Config
+	// Allowed says whether a device may connect (false for revoked or
+	// unknown devices).
+	Allowed func(deviceID string) bool
+	Log     *slog.Logger
+	// ConnectTimeout is how long a connection may take to send CONNECT
+	// (default 20 s).
+	ConnectTimeout time.Duration
+}
+
+// Broker is the embedded MQTT broker.
+type Broker struct {
+	srv  *mqtt.Server
+	ln   net.Listener
+	log  *slog.Logger
+	once sync.Once
+}
+
+// Listen makes a broker on addr (not yet serving).
+func Listen(addr string, c Config) (*Broker, error) {
+	if addr == "" || c.TLS == nil || c.Allowed == nil {
+		return nil, errors.New("notify: TLS configuration and Allowed are required")
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.ConnectTimeout <= 0 {
+		c.ConnectTimeout = 20 * time.Second
+	}
+	tc := c.TLS.Clone()
+	tc.MinVersion = tls.VersionTLS13
+	tc.ClientAuth = tls.RequireAndVerifyClientCert
+	tc.NextProtos = nil
+	raw, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("mqtt listener: %w", err)
+	}
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClientWritesPending = 64 // notifications are rare: no deep queues per device
+	srv := mqtt.New(&mqtt.Options{InlineClient: true, Capabilities: caps, Logger: c.Log})
+	if err := srv.AddHook(&deviceHook{allowed: c.Allowed, log: c.Log}, nil); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	ln := &patientListener{Listener: tls.NewListener(raw, tc), timeout: c.ConnectTimeout}
+	if err := srv.AddListener(listeners.NewNet("devices", ln)); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return &Broker{srv: srv, ln: raw, log: c.Log}, nil
+}
+
+// Addr is the broker's listening address.
+func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
+
+// Serve starts serving (it returns at once; Close stops).
+func (b *Broker) Serve() error { return b.srv.Serve() }
+
+// Close stops the broker and drops its clients.
+func (b *Broker) Close() error {
+	var err error
+	b.once.Do(func() { err = b.srv.Close() })
+	return err
+}
+
+// Notify tells devices to check in (QoS 1: delivered to connected
+// devices; one that is not connected learns at its next poll).
+func (b *Broker) Notify(kind string, deviceIDs ...string) error {
+	payload, _ := json.Marshal(Notice{Kind: kind, At: time.Now().UTC()})
+	var errs []error
+	for _, id := range deviceIDs {
+		if proto.ValidID("device", id) != nil {
+			continue
+		}
+		if err := b.srv.Publish(NotifyTopic(id), payload, false, 1); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Clients is how many devices are connected.
+func (b *Broker) Clients() int64 { return atomic.LoadInt64(&b.srv.Info.ClientsConnected) }
+
+// deviceHook authenticates devices by their certificate and keeps each to
+// its own topics.
+type deviceHook struct {
+	mqtt.HookBase
+	allowed func(string) bool
+	log     *slog.Logger
+}
+
+func (h *deviceHook) ID() string { return "fieldpatch-devices" }
+
+func (h *deviceHook) Provides(b byte) bool {
+	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
+}
+
+// OnConnectAuthenticate: the TLS handshake is done; the device is the one
+// its verified certificate names, the MQTT client ID must be that ID, and
+// the device must be allowed. The username is overwritten with the ID (the
+// ACL reads it).
+func (h *deviceHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	tc, ok := cl.Net.Conn.(*tls.Conn)
+	if !ok {
+		return false
+	}
+	st := tc.ConnectionState()
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		return false
+	}
+	id, err := pki.DeviceID(st.VerifiedChains[0][0])
+	if err != nil || proto.ValidID("device", id) != nil || strings.ContainsAny(id, "/+#") {
+		return false
+	}
+	if pk.Connect.ClientIdentifier != id {
+		h.log.Warn("mqtt: client id does not match the certificate", "device", id, "client_id", pk.Connect.ClientIdentifier)
+		return false
+	}
+	if !h.allowed(id) {
+		h.log.Warn("mqtt: device not allowed (revoked or unknown)", "device", id)
+		return false
+	}
+	cl.Properties.Username = []byte(id)
+	return true
+}
+
+// OnACLCheck: a device reads and writes only below fp/dev/ID/ (which also
+// refuses wildcards above it and shared subscriptions).
+func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	id := string(cl.Properties.Username)
+	if id == "" {
+		return false
+	}
+	return strings.HasPrefix(topic, TopicPrefix+id+"/")
+}
+
+// patientListener gives every connection ConnectTimeout to send CONNECT
+// (the broker sets its keep-alive deadline after that) and keeps
+// accepting after a temporary error, where the broker's loop would stop.
+type patientListener struct {
+	net.Listener
+	timeout time.Duration
+}
+
+func (l *patientListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err == nil {
+			c.SetDeadline(time.Now().Add(l.timeout))
+			return c, nil
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		return nil, err
+	}
+}
