@@ -67,10 +67,15 @@ func main() {
 	flag.IntVar(&o.addresses, "source-addresses", 256, "loopback source addresses the devices connect from")
 	flag.StringVar(&o.cpuProf, "cpuprofile", "", "write a CPU profile of the simulator while the fleet updates")
 	flag.StringVar(&o.memProf, "memprofile", "", "write a heap profile of the simulator when the fleet has updated")
-	flag.StringVar(&o.serverCPU, "server-cpu", "0", "CPU list for the server (taskset -c)")
-	flag.StringVar(&o.fleetCPU, "fleet-cpu", "1", "CPU list for the simulated fleet (this program)")
+	flag.StringVar(&o.serverCPU, "server-cpu", "", "CPU list for the server (taskset -c; default: not pinned)")
+	flag.StringVar(&o.fleetCPU, "fleet-cpu", "", "CPU list for the simulated fleet, this program (default: not pinned)")
 	flag.Parse()
-	harness.PinSelf(o.fleetCPU)
+	if o.fleetCPU != "" {
+		harness.PinSelf(o.fleetCPU)
+	}
+	// A fleet is gigabytes of long-lived objects: collect less often, but
+	// never let the heap run past three quarters of the machine.
+	debug.SetMemoryLimit(memLimit())
 	for _, s := range strings.Split(sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
@@ -173,8 +178,12 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
-	srv := exec.Command("taskset", "-c", o.serverCPU, fp, "serve", "--listen", addr, "--mqtt-listen", "off", "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
-		"--poll-interval", o.poll.String(), "--rollout-tick", "1s", "--time-scale", fmt.Sprint(o.speed), "--log-format", "json")
+	serveArgs := []string{fp, "serve", "--listen", addr, "--mqtt-listen", "off", "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
+		"--poll-interval", o.poll.String(), "--rollout-tick", "1s", "--time-scale", fmt.Sprint(o.speed), "--log-format", "json"}
+	if o.serverCPU != "" {
+		serveArgs = append([]string{"taskset", "-c", o.serverCPU}, serveArgs...)
+	}
+	srv := exec.Command(serveArgs[0], serveArgs[1:]...)
 	logf, _ := os.Create(filepath.Join(data, "server.log"))
 	defer logf.Close()
 	srv.Stdout, srv.Stderr = logf, logf
@@ -375,4 +384,18 @@ func selfSigned(key crypto.Signer) (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// memLimit is three quarters of the machine's memory (MemTotal).
+func memLimit() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) >= 2 && f[0] == "MemTotal:" {
+				kib, _ := strconv.ParseInt(f[1], 10, 64)
+				return kib << 10 * 3 / 4
+			}
+		}
+	}
+	return 8 << 30
 }
