@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,6 +34,9 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// mqttAddrs holds each in-process server's MQTT address, by data directory.
+var mqttAddrs sync.Map
+
 // serveInProcess runs "fieldpatch serve" on a free loopback port until the
 // test ends and returns its URL and data directory.
 func serveInProcess(t *testing.T, flags ...string) (string, string) {
@@ -57,9 +61,11 @@ func serveInProcess(t *testing.T, flags ...string) (string, string) {
 	if !strings.Contains(out.String(), "serving on") {
 		t.Fatalf("the server did not start: %s", errs.String())
 	}
-	if !strings.Contains(out.String(), "MQTT broker     mqtts://127.0.0.1:") {
+	m := regexp.MustCompile(`MQTT broker     mqtts://(127\.0\.0\.1:\d+)`).FindStringSubmatch(out.String())
+	if m == nil {
 		t.Fatalf("the server did not start its MQTT broker: %s", out.String())
 	}
+	mqttAddrs.Store(dir, m[1])
 	return "https://" + addr, dir
 }
 

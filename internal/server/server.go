@@ -202,6 +202,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		}
 		w.Write([]byte("ready\n"))
 	})
+	reg.Counter("fieldpatch_notifications_total", "Devices notified over MQTT that an update may wait for them.")
 	reg.Counter("fieldpatch_rollout_decisions_total", "Rollout phases advanced and gates tripped by the engine.", "kind")
 	clock := c.Clock
 	if clock == nil {
@@ -255,6 +256,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		s.log.Info("mqtt broker serving", "addr", s.Broker.Addr().String())
 		defer s.Broker.Close()
+		go s.notifyRollouts(ectx, time.Second)
 	}
 	go s.refreshTUF(ectx)
 	select {
@@ -265,6 +267,52 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer cancel()
 		hs.Shutdown(sctx)
 		return nil
+	}
+}
+
+// notifyRollouts tells devices over MQTT when a rollout lets them in: each
+// time an active rollout is seen in a new state (started, a new phase,
+// resumed), the devices of its current cohort that have neither the
+// release nor an outcome for it are notified once. A device that is not
+// connected finds the offer at its next poll.
+func (s *Server) notifyRollouts(ctx context.Context, every time.Duration) {
+	seen := map[string]bool{}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		rs, err := s.Store.Rollouts(ctx, rollout.StateActive)
+		if err != nil && ctx.Err() == nil {
+			s.log.Error("notify: listing rollouts", "err", err)
+		}
+		live := map[string]bool{}
+		for i := range rs {
+			r := &rs[i]
+			key := fmt.Sprintf("%s/%d/%d/%d", r.Spec.ID, r.Phase, r.StartedAt.UnixNano(), r.Baseline.At.UnixNano())
+			live[key] = true
+			if seen[key] {
+				continue
+			}
+			ids, err := s.Store.CohortWaiting(ctx, r, r.Phase)
+			if err != nil {
+				s.log.Error("notify: cohort", "rollout", r.Spec.ID, "err", err)
+				continue
+			}
+			if err := s.Broker.Notify("update", ids...); err != nil {
+				s.log.Warn("notify", "rollout", r.Spec.ID, "err", err)
+			}
+			s.Metrics.Add("fieldpatch_notifications_total", float64(len(ids)))
+			seen[key] = true
+		}
+		for k := range seen { // forget rollouts that moved on or ended
+			if !live[k] {
+				delete(seen, k)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
 	}
 }
 

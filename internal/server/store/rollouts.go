@@ -555,7 +555,26 @@ func (s *Store) CohortPending(ctx context.Context, r *rollout.Rollout, phase int
 	return s.pendingIn(ctx, r, devs, version, phase)
 }
 
-func (s *Store) pendingIn(ctx context.Context, r *rollout.Rollout, devs []rollout.Device, version string, phase int) (int, error) {
+// CohortWaiting lists the devices of a phase's cohort that neither run
+// the release nor have an outcome for it: those a notification should
+// bring to check in.
+func (s *Store) CohortWaiting(ctx context.Context, r *rollout.Rollout, phase int) ([]string, error) {
+	devs, version, err := s.targetDevices(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	done, err := s.finished(ctx, r)
+	var ids []string
+	for _, d := range devs {
+		if r.Spec.InPhase(phase, d.ID) && d.Version != version && !done[d.ID] {
+			ids = append(ids, d.ID)
+		}
+	}
+	return ids, err
+}
+
+// finished is the set of devices with an outcome for the rollout's release.
+func (s *Store) finished(ctx context.Context, r *rollout.Rollout) (map[string]bool, error) {
 	done := map[string]bool{}
 	err := s.queryRows(ctx, `SELECT device_id FROM updates WHERE release_id = ? AND retired = 0 AND status IN ('committed', 'failed', 'rolled_back')`,
 		[]any{r.Spec.Release}, func(rows *sql.Rows) error {
@@ -564,6 +583,11 @@ func (s *Store) pendingIn(ctx context.Context, r *rollout.Rollout, devs []rollou
 			done[id] = true
 			return err
 		})
+	return done, err
+}
+
+func (s *Store) pendingIn(ctx context.Context, r *rollout.Rollout, devs []rollout.Device, version string, phase int) (int, error) {
+	done, err := s.finished(ctx, r)
 	n := 0
 	for _, d := range devs {
 		if r.Spec.InPhase(phase, d.ID) && d.Version != version && !done[d.ID] {
