@@ -106,7 +106,7 @@ type Server struct {
 	maxConns int
 	// Broker is the embedded MQTT broker (nil when off).
 	Broker *notify.Broker
-	log      *slog.Logger
+	log    *slog.Logger
 }
 
 // New opens (or, on first start, creates) everything in the data directory.
