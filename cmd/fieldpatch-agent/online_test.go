@@ -30,6 +30,7 @@ type liveServer struct {
 	bin     string
 	dataDir string
 	url     string
+	mqtt    string // mqtts://HOST:PORT
 	cmd     *exec.Cmd
 }
 
@@ -96,6 +97,12 @@ func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServe
 	}
 	if s.url == "" {
 		t.Fatal("the server did not start")
+	}
+	for sc.Scan() { // CA, token, then the MQTT broker's address
+		if a, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "MQTT broker     "); ok {
+			s.mqtt, _, _ = strings.Cut(a, " ")
+			break
+		}
 	}
 	go func() {
 		for sc.Scan() {

@@ -484,3 +484,32 @@ func mustKey(t *testing.T) crypto.Signer {
 	}
 	return k
 }
+
+// With its poll interval at an hour, an agent that listens on the server's
+// MQTT broker updates within seconds of a rollout starting: the server
+// notifies it, it checks in at once. Without the notification it would
+// not check in again for an hour.
+func TestOnlineMQTTWakesAgent(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms", "--poll-interval=1h")
+	if !strings.HasPrefix(srv.mqtt, "mqtts://127.0.0.1:") {
+		t.Fatalf("the server's MQTT broker: %q", srv.mqtt)
+	}
+	d := linkedDevice(t, srv, "lock-mqtt", "fleet")
+	var cfg map[string]any
+	b, _ := os.ReadFile(d.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["link"] = map[string]string{"bundle": "bundle", "mqtt": srv.mqtt}
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(d.cfg, b, 0o644)
+	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
+	startLives(t, agentBin, map[string]*fileDevice{"lock-mqtt": d})
+	waitFor(t, "the first check-in", 30*time.Second, func() bool { return !srv.device("lock-mqtt").LastSeen.IsZero() })
+	time.Sleep(3 * time.Second) // connected and subscribed by now
+	start := time.Now()
+	srv.run("rollout", "create", "lock-2.0.0", "--id", "now", "--device", "lock-mqtt", "--start")
+	waitFor(t, "the device to commit 2.0.0", 60*time.Second, func() bool { return lastUpdate(srv.device("lock-mqtt")) == "committed" })
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("committed %v after the rollout started", took)
+	}
+}

@@ -183,6 +183,18 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		if err := checkOffersWithTUF(r, l); err != nil {
 			return err
 		}
+		if cfg.Link.MQTT != "" {
+			wake := make(chan struct{}, 1)
+			r.Wake = wake
+			mctx, stopMQTT := context.WithCancel(ctx)
+			defer stopMQTT()
+			go l.ListenMQTT(mctx, cfg.Link.MQTT, func() {
+				select {
+				case wake <- struct{}{}:
+				default: // a wake-up is already pending
+				}
+			})
+		}
 		err = r.Daemon(ctx, l)
 		switch {
 		case errors.Is(err, agent.ErrReboot):

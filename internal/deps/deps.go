@@ -66,9 +66,15 @@ var allowed = map[Side][]Side{
 // AgentModules are the third-party modules the agent binary may link.
 // go-tuf v2 (TUF metadata and its client workflow) and what it links: its
 // canonical JSON and signature code, and sigstore's signature package with
-// the protobuf definitions that package carries. The x/ modules are Go's
-// own.
+// the protobuf definitions that package carries. Eclipse Paho (the MQTT
+// client for notifications) and what it links: gorilla/websocket (MQTT over
+// WebSocket, unused here but linked), x/net's proxy dialer and x/sync. The
+// x/ modules are Go's own.
 var AgentModules = []string{
+	"github.com/eclipse/paho.mqtt.golang",
+	"github.com/gorilla/websocket",
+	"golang.org/x/net",
+	"golang.org/x/sync",
 	"github.com/theupdateframework/go-tuf/v2",
 	"github.com/secure-systems-lab/go-securesystemslib",
 	"github.com/sigstore/sigstore",

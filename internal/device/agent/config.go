@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -93,6 +94,10 @@ type LinkConfig struct {
 	Bundle string `json:"bundle"`
 	// Enroll, when the bundle does not exist yet, enrolls the device.
 	Enroll *EnrollConfig `json:"enroll,omitempty"`
+	// MQTT, if set, is the server's MQTT broker (mqtts://HOST:PORT): the
+	// agent listens there for notifications and checks in at once when
+	// one comes, instead of at its next poll. Polling goes on as before.
+	MQTT string `json:"mqtt,omitempty"`
 }
 
 // EnrollConfig is how a device without a bundle enrolls: it makes its own
@@ -133,6 +138,11 @@ func (c *Config) Validate() error {
 	errs := []error{c.Config.Validate()}
 	if c.Link != nil && c.Link.Bundle == "" {
 		errs = append(errs, errors.New("link.bundle is required when link is given"))
+	}
+	if c.Link != nil && c.Link.MQTT != "" {
+		if u, err := url.Parse(c.Link.MQTT); err != nil || u.Scheme != "mqtts" || u.Hostname() == "" || u.Port() == "" {
+			errs = append(errs, fmt.Errorf("link.mqtt %q: want mqtts://HOST:PORT", c.Link.MQTT))
+		}
 	}
 	if c.Link != nil && c.Link.Enroll != nil {
 		e := c.Link.Enroll

@@ -75,9 +75,10 @@ func (r *Runner) Daemon(ctx context.Context, srv Server) error {
 			return err
 		}
 		var busy Busy
+		wakeable := true
 		switch {
 		case errors.As(err, &busy):
-			wait = busy.Retry()
+			wait, wakeable = busy.Retry(), false // the server asked for that long
 		case err != nil:
 			failures++
 			wait = min(time.Second<<min(failures, 8), 5*time.Minute)
@@ -87,10 +88,32 @@ func (r *Runner) Daemon(ctx context.Context, srv Server) error {
 		}
 		// Jitter, so a fleet that lost its server does not return in step.
 		wait += time.Duration(rand.Int64N(int64(wait/10) + 1))
-		if err := r.sleep(ctx, wait); err != nil {
+		sleep := r.waitOrWake
+		if !wakeable {
+			sleep = r.sleep
+		}
+		if err := sleep(ctx, wait); err != nil {
 			return err
 		}
 	}
+}
+
+// waitOrWake waits d, or less when a notification wakes the daemon. (After
+// a busy answer the daemon sleeps the Retry-After out instead.)
+func (r *Runner) waitOrWake(ctx context.Context, d time.Duration) error {
+	if r.Wake == nil {
+		return r.sleep(ctx, d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	case <-r.Wake:
+		r.log().Info("notified: checking in now")
+	}
+	return nil
 }
 
 // poll is one check-in: it sends any unacknowledged outcome, checks in, and

@@ -136,6 +136,9 @@ type Runner struct {
 	// is true refuses the offer for good (it is reported as failed);
 	// others are tried again at the next check-in.
 	CheckOffer func(ctx context.Context, o *proto.Offer) (*Offer, error)
+	// Wake, if set, ends the daemon's wait between check-ins early: a
+	// notification that an update may be waiting (MQTT).
+	Wake <-chan struct{}
 }
 
 func (r *Runner) journalPath() string { return filepath.Join(r.StateDir, "journal.json") }

@@ -70,6 +70,8 @@ type Link struct {
 	// Logf, if set, hears about renewals made on the way (see CheckIn).
 	Logf func(format string, args ...any)
 
+	tlsConfig *tls.Config // the device API's TLS settings (MQTT reuses them)
+
 	mu        sync.Mutex
 	cert      tls.Certificate // the identity presented, replaced on renewal
 	leaf      *x509.Certificate
@@ -156,6 +158,7 @@ func OpenWith(dir string, o Options) (*Link, error) {
 		tr.DialContext = o.Dial
 	}
 	tr.TLSClientConfig.CurvePreferences = o.Curves
+	l.tlsConfig = tr.TLSClientConfig
 	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
 	return l, nil
 }
