@@ -38,6 +38,10 @@ type Notice struct {
 	At   time.Time `json:"at"`
 }
 
+// MaxPacket is the largest MQTT packet the broker takes; a device sending
+// more is disconnected.
+const MaxPacket = 16 << 10
+
 // Config configures the broker.
 type Config struct {
 	// TLS is the server's TLS configuration: its certificate, and the
@@ -81,6 +85,7 @@ func Listen(addr string, c Config) (*Broker, error) {
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClientWritesPending = 64 // notifications are rare: no deep queues per device
+	caps.MaximumPacketSize = MaxPacket
 	srv := mqtt.New(&mqtt.Options{InlineClient: true, Capabilities: caps, Logger: c.Log})
 	if err := srv.AddHook(&deviceHook{allowed: c.Allowed, log: c.Log}, nil); err != nil {
 		raw.Close()

@@ -146,6 +146,15 @@ func TestBrokerRefusesOtherTopicsAndIdentities(t *testing.T) {
 	if out, err := run(sub, append(noCert, "-i", "lock-1", "-t", NotifyTopic("lock-1"), "-C", "1", "-W", "3")...); err == nil {
 		t.Errorf("no client certificate: accepted: %s", out)
 	}
+	// Oversized messages are refused, and the broker goes on.
+	big := filepath.Join(w.dir, "big")
+	os.WriteFile(big, bytes.Repeat([]byte("x"), MaxPacket+1), 0o644)
+	if out, err := run(pub, append(lock1, "-i", "lock-1", "-t", "fp/dev/lock-1/status", "-q", "1", "-f", big)...); err == nil {
+		t.Errorf("a %d-byte message was accepted: %s", MaxPacket+1, out)
+	}
+	if out, err := run(pub, append(lock1, "-i", "lock-1", "-t", "fp/dev/lock-1/status", "-q", "1", "-m", "small again")...); err != nil {
+		t.Errorf("after an oversized message: %v %s", err, out)
+	}
 	// The broker still serves lock-1 after all that.
 	if w.broker.Notify("update", "lock-1", "bad/id", "") != nil {
 		t.Error("notify failed")
