@@ -123,6 +123,7 @@ type Device struct {
 	misbehave    atomic.Bool // apply at the next power-on
 	cutPending   atomic.Bool // a cut is scheduled and has not struck
 	failures     int         // check-ins failed in a row (device goroutine)
+	desynced     bool        // its first poll wait was drawn at random
 	stop         atomic.Pointer[context.CancelFunc]
 }
 
@@ -433,6 +434,14 @@ func (d *Device) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInRe
 		return nil, d.realBackoff(ctx, err)
 	}
 	d.failures = 0
+	if !d.desynced && resp.NextPollSeconds > 1 {
+		// The fleet was switched on within seconds; a real one came up at
+		// random times. Once, the device waits a random part of its poll
+		// interval, so that its check-ins fall anywhere in the interval
+		// from then on.
+		d.desynced = true
+		resp.NextPollSeconds = 1 + d.rng.IntN(resp.NextPollSeconds)
+	}
 	if resp.Offer == nil && c.UpdateID == "" {
 		// Back to sleep until the next check-in: the connection goes (the
 		// next one resumes the TLS session). During an update it stays,
