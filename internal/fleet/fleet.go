@@ -64,8 +64,6 @@ type Config struct {
 	Log       *slog.Logger
 	// TimeZones are given to devices in turn (none: no time zone).
 	TimeZones []string
-	// Groups devices join at enrollment.
-	Group string
 }
 
 // Faults are the faults injected, each a percentage.
@@ -112,8 +110,6 @@ type Device struct {
 
 	version atomic.Pointer[string]
 	phase   atomic.Pointer[string]
-	bricked atomic.Bool
-	updates atomic.Int32 // outcomes reported: committed, rolled back, failed
 
 	// faults, set by SetFaults and read by the device
 	slow         atomic.Bool
@@ -121,7 +117,6 @@ type Device struct {
 	offlineUntil atomic.Int64
 	wasOffline   atomic.Bool
 	misbehave    atomic.Bool // apply at the next power-on
-	cutPending   atomic.Bool // a cut is scheduled and has not struck
 	failures     int         // check-ins failed in a row (device goroutine)
 	desynced     bool        // its first poll wait was drawn at random
 	stop         atomic.Pointer[context.CancelFunc]
@@ -182,9 +177,6 @@ func New(cfg Config) (*Fleet, error) {
 	}
 	return f, nil
 }
-
-// Devices are the fleet's devices, in ID order.
-func (f *Fleet) Devices() []*Device { return f.devs }
 
 // Pool is the shared block pool (its size says how much flash memory the
 // whole fleet takes).
@@ -332,7 +324,6 @@ func (d *Device) live(ctx context.Context) {
 		d.f.stats.boots.Add(1)
 		switch b.Result {
 		case simdev.Recovery:
-			d.bricked.Store(true)
 			d.f.stats.bricked.Add(1)
 			d.f.cfg.Log.Error("device bricked", "device", d.ID, "decision", b.Decision.Reason)
 			return
@@ -371,7 +362,6 @@ func (d *Device) live(ctx context.Context) {
 // onCut runs when a power cut strikes this device (with a storage
 // model's lock held: it only counts and cancels).
 func (d *Device) onCut(area string) {
-	d.cutPending.Store(false)
 	d.f.stats.cut(area)
 	if c := d.stop.Load(); c != nil {
 		(*c)()
@@ -502,7 +492,6 @@ func (d *Device) scheduleCut() {
 		ops, _ := p.Ops()
 		p.CutAt(ops+1+d.rng.IntN(150), frac, tear)
 	}
-	d.cutPending.Store(true)
 }
 
 // Report sends a status report over the link.
@@ -511,7 +500,6 @@ func (d *Device) Report(ctx context.Context, r proto.Report) error {
 	switch r.Status {
 	case proto.StatusCommitted, proto.StatusRolledBack, proto.StatusFailed:
 		if err == nil {
-			d.updates.Add(1)
 			d.f.stats.outcome(r.Status)
 			d.setPhase("idle")
 		}
@@ -526,9 +514,6 @@ func (d *Device) URL(path string) string { return d.lnk.URL(path) }
 
 // Version is the firmware version the device last booted.
 func (d *Device) Version() string { return *d.version.Load() }
-
-// Bricked says whether the device found nothing to boot.
-func (d *Device) Bricked() bool { return d.bricked.Load() }
 
 // Census is the fleet powered on through the boot selector, device by
 // device, after Stop: what each boots, from what the storage holds and not
