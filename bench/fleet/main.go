@@ -26,7 +26,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -73,9 +72,6 @@ func main() {
 	if o.fleetCPU != "" {
 		harness.PinSelf(o.fleetCPU)
 	}
-	// A fleet is gigabytes of long-lived objects: collect less often, but
-	// never let the heap run past three quarters of the machine.
-	debug.SetMemoryLimit(memLimit())
 	for _, s := range strings.Split(sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
@@ -232,7 +228,7 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer debug.SetGCPercent(debug.SetGCPercent(fleet.GCPercent))
+	defer fleet.TuneGC()()
 	f, err := fleet.New(fleet.Config{Devices: n, IDPrefix: "b", Server: url, CAPEM: caPEM, Token: strings.TrimSpace(strings.SplitN(tok, "\n", 2)[0]),
 		Dir: filepath.Join(dir, "fleet"), Factory: imgs["1.0.0"], Keys: []boot.TrustedKey{{Key: pub}}, HWClass: "bench-lock",
 		Speed: o.speed, Addresses: o.addresses, Seed: 1})
@@ -384,18 +380,4 @@ func selfSigned(key crypto.Signer) (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
-}
-
-// memLimit is three quarters of the machine's memory (MemTotal).
-func memLimit() int64 {
-	b, err := os.ReadFile("/proc/meminfo")
-	if err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if f := strings.Fields(l); len(f) >= 2 && f[0] == "MemTotal:" {
-				kib, _ := strconv.ParseInt(f[1], 10, 64)
-				return kib << 10 * 3 / 4
-			}
-		}
-	}
-	return 8 << 30
 }

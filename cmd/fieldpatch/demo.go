@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"sort"
 	"strings"
 	"time"
@@ -283,7 +282,7 @@ func (d *demo) run() (*demoReport, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer debug.SetGCPercent(debug.SetGCPercent(fleet.GCPercent))
+	defer fleet.TuneGC()()
 	fl, err := fleet.New(fleet.Config{Devices: d.n, IDPrefix: "lock-", Server: d.url, CAPEM: caPEM, Token: token,
 		Dir: filepath.Join(d.dir, "fleet"), Factory: imgs["1.0.0"], Keys: []boot.TrustedKey{{Key: pub, Name: "release"}},
 		HWClass: demoHW, Speed: d.speed, Seed: d.seed, TimeZones: []string{"Europe/Berlin", "America/New_York", "Asia/Tokyo", "UTC"}})

@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/cli"
@@ -129,7 +128,7 @@ reports. Exit 0 when no device is bricked.`)
 		}
 		defer os.RemoveAll(dir)
 	}
-	defer debug.SetGCPercent(debug.SetGCPercent(fleet.GCPercent))
+	defer fleet.TuneGC()()
 	f, err := fleet.New(fleet.Config{Devices: *n, IDPrefix: *prefix, Server: *conn.server, CAPEM: caPEM, Token: *token,
 		Dir: filepath.Join(dir, "fleet"), Factory: img, Keys: []boot.TrustedKey{{Key: pub, Name: filepath.Base(*imageKey)}},
 		HWClass: *hw, Speed: *speed, Addresses: *addrs, Seed: uint64(time.Now().UnixNano())})

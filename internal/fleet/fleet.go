@@ -29,6 +29,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,6 +130,32 @@ type Device struct {
 // over and over while every update allocates megabytes; memory is cheaper
 // here than the CPU it would cost.
 const GCPercent = 400
+
+// TuneGC sets the garbage collector for a fleet in this process: GCPercent,
+// and a soft memory limit of three quarters of the machine's memory so the
+// lazier collection never runs it out. It returns what restores both.
+func TuneGC() (restore func()) {
+	pct := debug.SetGCPercent(GCPercent)
+	limit := debug.SetMemoryLimit(memTotal() * 3 / 4)
+	return func() {
+		debug.SetGCPercent(pct)
+		debug.SetMemoryLimit(limit)
+	}
+}
+
+// memTotal is the machine's memory (MemTotal), or 8 GiB if unknown.
+func memTotal() int64 {
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) >= 2 && f[0] == "MemTotal:" {
+				if kib, err := strconv.ParseInt(f[1], 10, 64); err == nil {
+					return kib << 10
+				}
+			}
+		}
+	}
+	return 8 << 30
+}
 
 // New makes the fleet's devices (factory fresh, not yet enrolled).
 func New(cfg Config) (*Fleet, error) {
