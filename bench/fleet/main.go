@@ -97,6 +97,8 @@ func main() {
 		if r != nil {
 			r.loopback = loop
 			rows = append(rows, *r)
+			fmt.Printf("  %d devices: updated in %.0f s, server peak RSS %.0f MiB, p99 %.1f ms, %d busy, %d errors, %d bricked, %.2fx loopback TLS\n",
+				r.devices, r.update.Seconds(), float64(r.rssKiB)/1024, ms(r.p99), r.busy, r.errors, r.bricked, r.rate()/r.loopback)
 		}
 	}
 	fmt.Println("\n| devices | enroll | time to update all | server peak RSS | check-ins | p50 | p99 | busy (503) | errors | bricked | MiB sent | MiB/s | vs loopback TLS |")
