@@ -38,7 +38,6 @@ func TestRolloutNotifiesOverMQTT(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	subs := map[string]*exec.Cmd{}
 	outs := map[string]*bytes.Buffer{}
 	done := map[string]chan error{}
 	for _, id := range []string{"lock-in", "lock-out"} {
@@ -58,9 +57,9 @@ func TestRolloutNotifiesOverMQTT(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		subs[id] = cmd
-		done[id] = make(chan error, 1)
-		go func() { done[id] <- cmd.Wait() }()
+		exited := make(chan error, 1)
+		done[id] = exited
+		go func() { exited <- cmd.Wait() }()
 	}
 	time.Sleep(time.Second) // both subscribed
 	start := time.Now()
