@@ -375,7 +375,7 @@ func (d *demo) run() (*demoReport, error) {
 	d.say("operator: rollout bad-1.0.1 aborted for good")
 
 	d.step("5. The good 1.0.2 goes out, with faults injected")
-	faults := fleet.Faults{PowerCut: 20, Drop: 10, Stall: 5, Offline: 5, Slow: 5, Misbehave: 1}
+	faults := fleet.Faults{PowerCut: 25, Drop: 10, Stall: 5, Offline: 5, Slow: 5, Misbehave: 1}
 	fl.SetFaults(faults)
 	d.say("faults: power cuts on %.0f%% of updates, links dropped on %.0f%% and stalled on %.0f%% of downloads,", faults.PowerCut, faults.Drop, faults.Stall)
 	d.say("        %.0f%% of devices offline for a while, %.0f%% on slow links (64 KiB/s), %.0f%% misbehaving on first boot", faults.Offline, faults.Slow, faults.Misbehave)

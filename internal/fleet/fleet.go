@@ -470,7 +470,7 @@ func (d *Device) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInRe
 	if err == nil && resp.Offer != nil && c.UpdateID == "" {
 		d.f.stats.offers.Add(1)
 		if fl := d.f.faults.Load(); pct(d.rng, fl.PowerCut) {
-			d.scheduleCut()
+			d.scheduleCut(resp.Offer.Target.Length)
 		}
 	}
 	return resp, err
@@ -507,14 +507,16 @@ func (e *busyError) Error() string        { return e.err.Error() }
 func (e *busyError) Unwrap() error        { return e.err }
 func (e *busyError) Retry() time.Duration { return e.retry }
 
-// scheduleCut aims a power cut: at slot writes, at boot-environment
-// writes, or anywhere in the next operations.
-func (d *Device) scheduleCut() {
+// scheduleCut aims a power cut: at one of the slot writes that installing
+// an image of size bytes makes, at boot-environment writes, or anywhere in
+// the next operations.
+func (d *Device) scheduleCut(size int64) {
 	p := d.sim.Power
 	frac, tear := d.rng.Float64(), d.rng.IntN(2) == 0
 	switch r := d.rng.Float64(); {
 	case r < 0.3:
-		p.CutInArea("slot-", 1+d.rng.IntN(5), frac, tear)
+		writes := max(1, int((size+agent.InstallChunk-1)/agent.InstallChunk))
+		p.CutInArea("slot-", 1+d.rng.IntN(writes), frac, tear)
 	case r < 0.5:
 		p.CutInArea("env", 1+d.rng.IntN(4), frac, tear)
 	default:

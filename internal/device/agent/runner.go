@@ -698,9 +698,13 @@ func InstallImage(ctx context.Context, src io.Reader, dst slot.Device, keys []cr
 }
 
 const (
-	installBufSize = 256 << 10
+	installBufSize = InstallChunk
 	installBuffers = 4
 )
+
+// InstallChunk is the size of the writes that install an image into a
+// slot (one write per chunk, the last one shorter).
+const InstallChunk = 256 << 10
 
 type chunk struct {
 	b   []byte
