@@ -193,8 +193,20 @@ func TestOnlineRolloutCanaryTrips(t *testing.T) {
 	srv.run("release", "upload", "--id", "lock-2.0.0", devs[ids[0]].v2)
 	id, canaries := pickRollout(t, "canary", ids, 25, 1, 3)
 	srv.run("rollout", "create", "lock-2.0.0", "--id", id, "--group", "fleet", "--phases", "25,100", "--soak", "1s",
-		"--min-sample", "1", "--max-rollback-rate", "0.1", "--start")
+		"--min-sample", "1", "--max-rollback-rate", "0.1")
 	startLives(t, agentBin, devs)
+	// Started once every device has checked in: a phase whose cohort holds
+	// no device the server knows yet counts as done once it has soaked, so
+	// a loaded machine could otherwise skip the canary phase.
+	waitFor(t, "every device's first check-in", 60*time.Second, func() bool {
+		for _, d := range ids {
+			if srv.device(d).LastSeen.IsZero() {
+				return false
+			}
+		}
+		return true
+	})
+	srv.run("rollout", "start", id)
 
 	waitFor(t, "the gate to pause the rollout", 90*time.Second, func() bool { return srv.rollout(id).State == "paused" })
 	v := srv.rollout(id)
