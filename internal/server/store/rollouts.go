@@ -563,7 +563,20 @@ func (s *Store) CohortWaiting(ctx context.Context, r *rollout.Rollout, phase int
 	if err != nil {
 		return nil, err
 	}
-	done, err := s.finished(ctx, r)
+	return s.waitingIn(ctx, r, devs, version, phase)
+}
+
+// waitingIn lists the devices of devs in a phase's cohort that neither run
+// the release's version nor have an outcome for it.
+func (s *Store) waitingIn(ctx context.Context, r *rollout.Rollout, devs []rollout.Device, version string, phase int) ([]string, error) {
+	done := map[string]bool{}
+	err := s.queryRows(ctx, `SELECT device_id FROM updates WHERE release_id = ? AND retired = 0 AND status IN ('committed', 'failed', 'rolled_back')`,
+		[]any{r.Spec.Release}, func(rows *sql.Rows) error {
+			var id string
+			err := rows.Scan(&id)
+			done[id] = true
+			return err
+		})
 	var ids []string
 	for _, d := range devs {
 		if r.Spec.InPhase(phase, d.ID) && d.Version != version && !done[d.ID] {
@@ -573,28 +586,9 @@ func (s *Store) CohortWaiting(ctx context.Context, r *rollout.Rollout, phase int
 	return ids, err
 }
 
-// finished is the set of devices with an outcome for the rollout's release.
-func (s *Store) finished(ctx context.Context, r *rollout.Rollout) (map[string]bool, error) {
-	done := map[string]bool{}
-	err := s.queryRows(ctx, `SELECT device_id FROM updates WHERE release_id = ? AND retired = 0 AND status IN ('committed', 'failed', 'rolled_back')`,
-		[]any{r.Spec.Release}, func(rows *sql.Rows) error {
-			var id string
-			err := rows.Scan(&id)
-			done[id] = true
-			return err
-		})
-	return done, err
-}
-
 func (s *Store) pendingIn(ctx context.Context, r *rollout.Rollout, devs []rollout.Device, version string, phase int) (int, error) {
-	done, err := s.finished(ctx, r)
-	n := 0
-	for _, d := range devs {
-		if r.Spec.InPhase(phase, d.ID) && d.Version != version && !done[d.ID] {
-			n++
-		}
-	}
-	return n, err
+	ids, err := s.waitingIn(ctx, r, devs, version, phase)
+	return len(ids), err
 }
 
 // Offer finds what to offer a device. The newest active or paused rollout
