@@ -188,12 +188,17 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 			r.Wake = wake
 			mctx, stopMQTT := context.WithCancel(ctx)
 			defer stopMQTT()
-			go l.ListenMQTT(mctx, cfg.Link.MQTT, func() {
-				select {
-				case wake <- struct{}{}:
-				default: // a wake-up is already pending
+			go func() {
+				err := l.ListenMQTT(mctx, cfg.Link.MQTT, func() {
+					select {
+					case wake <- struct{}{}:
+					default: // a wake-up is already pending
+					}
+				})
+				if err != nil {
+					fmt.Fprintf(stderr, "mqtt: %v (polling only)\n", err)
 				}
-			})
+			}()
 		}
 		err = r.Daemon(ctx, l)
 		switch {

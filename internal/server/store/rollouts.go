@@ -390,17 +390,7 @@ func (s *Store) Stats(ctx context.Context, id string, phase int) (rollout.Stats,
 		if err := rows.Scan(&status, &n); err != nil {
 			return err
 		}
-		st.Started += n
-		switch status {
-		case proto.StatusCommitted:
-			st.Committed += n
-		case proto.StatusFailed:
-			st.Failed += n
-		case proto.StatusRolledBack:
-			st.RolledBack += n
-		default:
-			st.InProgress += n
-		}
+		addStatus(&st, status, n)
 		return nil
 	})
 	return st, err
@@ -469,17 +459,7 @@ func (s *Store) GateCounts(ctx context.Context, r *rollout.Rollout, now time.Tim
 			if err := rows.Scan(&status, &n); err != nil {
 				return err
 			}
-			switch status {
-			case proto.StatusCommitted:
-				st.Committed += n
-			case proto.StatusFailed:
-				st.Failed += n
-			case proto.StatusRolledBack:
-				st.RolledBack += n
-			default:
-				st.InProgress += n
-			}
-			st.Started += n
+			addStatus(&st, status, n)
 			return nil
 		})
 	if err != nil {
@@ -553,6 +533,21 @@ func (s *Store) CohortPending(ctx context.Context, r *rollout.Rollout, phase int
 		return 0, err
 	}
 	return s.pendingIn(ctx, r, devs, version, phase)
+}
+
+// addStatus counts n attempts in status into st.
+func addStatus(st *rollout.Stats, status string, n int) {
+	st.Started += n
+	switch status {
+	case proto.StatusCommitted:
+		st.Committed += n
+	case proto.StatusFailed:
+		st.Failed += n
+	case proto.StatusRolledBack:
+		st.RolledBack += n
+	default:
+		st.InProgress += n
+	}
 }
 
 // CohortWaiting lists the devices of a phase's cohort that neither run
