@@ -321,20 +321,40 @@ func (f *Fleet) SetFaults(fl Faults) {
 	}
 	rng := rand.New(rand.NewPCG(f.cfg.Seed^0x5eed, uint64(time.Now().UnixNano())))
 	now := time.Now()
-	for _, d := range f.devs {
-		d.slow.Store(pct(rng, fl.Slow))
-		if pct(rng, fl.Offline) {
+	slow, offline, misbehave := share(rng, len(f.devs), fl.Slow), share(rng, len(f.devs), fl.Offline), share(rng, len(f.devs), fl.Misbehave)
+	for i, d := range f.devs {
+		d.slow.Store(slow[i])
+		if offline[i] {
 			from := now.Add(time.Duration(rng.Int64N(int64(fl.OfflineWithin))))
 			length := time.Duration(float64(fl.OfflineFor) / f.cfg.Speed * (0.5 + rng.Float64()))
 			d.offlineFrom.Store(from.UnixNano())
 			d.offlineUntil.Store(from.Add(length).UnixNano())
 			d.wasOffline.Store(false)
 		}
-		if pct(rng, fl.Misbehave) {
+		if misbehave[i] {
 			d.misbehave.Store(true)
 		}
 	}
 	f.faults.Store(&fl)
+}
+
+// share marks p percent of n devices, drawn at random: exactly n*p/100 of
+// them, the fraction rounded up or down at random (so that 1% of 200 is
+// always 2 devices, not 0 one run in seven).
+func share(rng *rand.Rand, n int, p float64) []bool {
+	marked := make([]bool, n)
+	if p <= 0 || n == 0 {
+		return marked
+	}
+	want := float64(n) * min(p, 100) / 100
+	k := int(want)
+	if rng.Float64() < want-float64(k) {
+		k++
+	}
+	for _, i := range rng.Perm(n)[:k] {
+		marked[i] = true
+	}
+	return marked
 }
 
 func pct(rng *rand.Rand, p float64) bool { return p > 0 && rng.Float64()*100 < p }

@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"errors"
+	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -55,6 +57,29 @@ func TestErrorKinds(t *testing.T) {
 	} {
 		if got := errorKind(err); got != want {
 			t.Errorf("%v: kind %q, want %q", err, got, want)
+		}
+	}
+}
+
+// Device-level faults mark an exact share of the fleet, so a small fleet
+// cannot draw none of a rare fault.
+func TestShareIsExact(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, c := range []struct {
+		n    int
+		p    float64
+		want []int // acceptable counts
+	}{{200, 1, []int{2}}, {200, 5, []int{10}}, {2000, 25, []int{500}}, {50, 1, []int{0, 1}}, {10, 0, []int{0}}, {10, 150, []int{10}}} {
+		for range 20 {
+			got := 0
+			for _, m := range share(rng, c.n, c.p) {
+				if m {
+					got++
+				}
+			}
+			if !slices.Contains(c.want, got) {
+				t.Fatalf("share(%d, %.0f%%) marked %d, want one of %v", c.n, c.p, got, c.want)
+			}
 		}
 	}
 }
