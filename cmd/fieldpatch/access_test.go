@@ -34,8 +34,9 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// mqttAddrs holds each in-process server's MQTT address, by data directory.
-var mqttAddrs sync.Map
+// mqttAddrs and coapAddrs hold each in-process server's MQTT and CoAP
+// addresses, by data directory.
+var mqttAddrs, coapAddrs sync.Map
 
 // serveInProcess runs "fieldpatch serve" on a free loopback port until the
 // test ends and returns its URL and data directory.
@@ -66,6 +67,9 @@ func serveInProcess(t *testing.T, flags ...string) (string, string) {
 		t.Fatalf("the server did not start its MQTT broker: %s", out.String())
 	}
 	mqttAddrs.Store(dir, m[1])
+	if m := regexp.MustCompile(`CoAP over DTLS  coaps://(127\.0\.0\.1:\d+)`).FindStringSubmatch(out.String()); m != nil {
+		coapAddrs.Store(dir, m[1])
+	}
 	return "https://" + addr, dir
 }
 

@@ -27,6 +27,7 @@ import (
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
+	"github.com/fieldpatch/fieldpatch/internal/server/notify"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 )
 
@@ -52,10 +53,20 @@ SIGINT or SIGTERM it stops accepting and finishes requests in flight.
 
 An embedded MQTT broker (--mqtt-listen, on by default) lets devices hear
 at once that an update may wait for them: TLS 1.3 with the same device
-certificates, each device only on its own topics (fp/dev/ID/...).
+certificates, each device only on its own topics (fp/dev/ID/...), where
+devices may also publish their progress. For larger fleets an external
+broker such as Mosquitto takes its place (--mqtt-broker mqtts://HOST:PORT,
+"mqtt_broker" in the file; the embedded one is then off): the server
+connects to it with a client certificate it issues itself, for the name
+"fieldpatch:server", which no device can have.
+
+Constrained devices may speak CoAP over DTLS instead of HTTPS
+(--coap-listen, off by default; the standard port is 5684): the same
+resources at the same paths, images and metadata block-wise, devices
+authenticated by certificate or by the pre-shared key issued at enrollment.
 
 Settings come from an optional JSON file (--config: "listen", "data_dir",
-"hosts", "image_keys", "poll_interval", "mqtt_listen"), then FIELDPATCH_LISTEN and
+"hosts", "image_keys", "poll_interval", "mqtt_listen", "coap_listen"), then FIELDPATCH_LISTEN and
 FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	cfgFile := fs.String("config", "", "optional JSON configuration file")
 	listen := fs.String("listen", "", "address to serve HTTPS on (default 127.0.0.1:8443)")
@@ -68,6 +79,8 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	certLife := fs.Duration("device-cert-lifetime", 0, "validity of device certificates (default 8760h); agents renew at a third left")
 	tick := fs.Duration("rollout-tick", 0, "how often rollouts' gates are judged and phases advanced (default 10s)")
 	mqttListen := fs.String("mqtt-listen", "", `address of the embedded MQTT broker for device notifications (default 127.0.0.1:8883; "off" for none)`)
+	mqttBroker := fs.String("mqtt-broker", "", "an external MQTT broker to use instead of the embedded one: mqtts://HOST:PORT")
+	coapListen := fs.String("coap-listen", "", `UDP address of the device API over CoAP on DTLS, for example 0.0.0.0:5684 (default off)`)
 	maxConns := fs.Int("max-conns", 0, "connections held at once; more wait to be accepted (default 10000)")
 	timeScale := fs.Float64("time-scale", 1, "run rollout scheduling (soak, windows, rate limits, silence) this many times faster than real time: for fleet simulations only")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
@@ -98,8 +111,24 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 		cfg.RolloutTick = *tick
 	}
 	cfg.MaxConns = *maxConns
-	if *mqttListen != "" {
-		cfg.MQTTListen = mqttAddr(*mqttListen)
+	switch l, b := mqttAddr(*mqttListen), mqttAddr(*mqttBroker); {
+	case l != "" && b != "":
+		return cli.Usagef("--mqtt-listen and --mqtt-broker exclude each other: the embedded broker or an external one")
+	case b != "":
+		cfg.MQTTBroker, cfg.MQTTListen = b, ""
+	case *mqttBroker != "": // --mqtt-broker off
+		cfg.MQTTBroker = ""
+		if *mqttListen != "" {
+			cfg.MQTTListen = l
+		}
+	case *mqttListen != "":
+		cfg.MQTTListen = l
+		if l != "" {
+			cfg.MQTTBroker = ""
+		}
+	}
+	if *coapListen != "" {
+		cfg.CoAPListen = mqttAddr(*coapListen)
 	}
 	if *timeScale <= 0 {
 		return cli.Usagef("--time-scale must be positive")
@@ -133,6 +162,12 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	if srv.Broker != nil {
 		fmt.Fprintf(stdout, "  MQTT broker     mqtts://%s (device certificates; topics fp/dev/ID/...)\n", srv.Broker.Addr())
 	}
+	if srv.MQTT != nil {
+		fmt.Fprintf(stdout, "  MQTT broker     %s (external; the server connects as %s)\n", cfg.MQTTBroker, notify.ServerIdentity)
+	}
+	if srv.CoAP != nil {
+		fmt.Fprintf(stdout, "  CoAP over DTLS  coaps://%s (device certificates or pre-shared keys)\n", srv.CoAP.Addr())
+	}
 	if err := srv.Serve(ctx, ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return cli.Failed(err)
 	}
@@ -152,6 +187,8 @@ func serverConfig(path string) (server.Config, error) {
 		ImageKeys    []string `json:"image_keys"`
 		PollInterval string   `json:"poll_interval"`
 		MQTTListen   *string  `json:"mqtt_listen"`
+		MQTTBroker   string   `json:"mqtt_broker"`
+		CoAPListen   string   `json:"coap_listen"`
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -172,6 +209,13 @@ func serverConfig(path string) (server.Config, error) {
 	if f.MQTTListen != nil {
 		cfg.MQTTListen = mqttAddr(*f.MQTTListen)
 	}
+	if b := mqttAddr(f.MQTTBroker); b != "" {
+		if f.MQTTListen != nil && cfg.MQTTListen != "" {
+			return cfg, cli.Usagef("%s: mqtt_listen and mqtt_broker exclude each other: the embedded broker or an external one", path)
+		}
+		cfg.MQTTBroker, cfg.MQTTListen = b, ""
+	}
+	cfg.CoAPListen = mqttAddr(f.CoAPListen)
 	if f.PollInterval != "" {
 		d, err := time.ParseDuration(f.PollInterval)
 		if err != nil || d <= 0 {
@@ -506,7 +550,8 @@ func runDeviceProvision(ctx context.Context, args []string, stdout, stderr io.Wr
 		`Provisions one device: makes its key, has the server register it and issue
 its client certificate, and writes the provisioning bundle to DIR:
 bundle.json (server URL, device ID), device.key.pem (mode 0600), device.pem,
-ca.pem, and image-keys/*.pub.pem (the image keys the device must trust).
+ca.pem, psk.txt (the pre-shared key for CoAP over DTLS, mode 0600), and
+image-keys/*.pub.pem (the image keys the device must trust).
 The agent's config points at the bundle ("link": {"bundle": DIR}).`)
 	out := fs.String("out", "", "bundle directory to create (required)")
 	var groups cli.Strings
@@ -546,6 +591,7 @@ The agent's config points at the bundle ("link": {"bundle": DIR}).`)
 		{"device.key.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
 		{"device.pem", []byte(resp.CertPEM), 0o644},
 		{"ca.pem", []byte(resp.CAPEM), 0o644},
+		{proto.BundlePSKFile, []byte(resp.PSK + "\n"), 0o600},
 		{"bundle.json", manifest, 0o644},
 	}
 	if len(resp.TUFRoot) > 0 {
@@ -582,7 +628,8 @@ func scaledClock(scale float64) func() time.Time {
 	}
 }
 
-// mqttAddr is the broker address a setting asks for ("off": none).
+// mqttAddr is the broker address a setting asks for ("off": none; also
+// for --mqtt-broker).
 func mqttAddr(v string) string {
 	if v == "off" || v == "none" {
 		return ""

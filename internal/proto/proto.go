@@ -36,6 +36,10 @@ const (
 	PathTUF     = "/api/v1/tuf/"   // followed by N.root.json, timestamp.json, N.snapshot.json, N.targets.json
 )
 
+// BundlePSKFile is the provisioning bundle's file holding the device's
+// pre-shared key for CoAP over DTLS (mode 0600).
+const BundlePSKFile = "psk.txt"
+
 // Limits on what a device may send.
 const (
 	MaxBodyBytes    = 64 << 10
@@ -169,6 +173,9 @@ type EnrollResponse struct {
 	// TUFRoot is the repository's current root metadata, the device's
 	// first trusted root (absent before the operator set one up).
 	TUFRoot json.RawMessage `json:"tuf_root,omitempty"`
+	// PSK is the device's pre-shared key for CoAP over DTLS (its PSK
+	// identity is the device ID), issued at enrollment.
+	PSK string `json:"psk,omitempty"`
 }
 
 // RenewRequest asks for a new certificate for a new key, before the

@@ -25,6 +25,7 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/blob"
+	"github.com/fieldpatch/fieldpatch/internal/server/coapapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/metrics"
 	"github.com/fieldpatch/fieldpatch/internal/server/mgmtapi"
@@ -65,8 +66,17 @@ type Config struct {
 	// DefaultMaxConns); more wait to be accepted.
 	MaxConns int
 	// MQTTListen is the address of the embedded MQTT broker devices
-	// connect to for notifications (empty: no broker).
+	// connect to for notifications and status reports (empty: no
+	// embedded broker).
 	MQTTListen string
+	// MQTTBroker is an external MQTT broker (mqtts://HOST:PORT, such as
+	// Mosquitto) to use instead of the embedded one: the server connects
+	// to it as a client with a certificate of its own (notify.ServerIdentity)
+	// and devices connect there. It excludes MQTTListen.
+	MQTTBroker string
+	// CoAPListen is the UDP address of the device API over CoAP on DTLS
+	// (empty: none).
+	CoAPListen string
 }
 
 // Validate checks the configuration.
@@ -87,6 +97,14 @@ func (c *Config) Validate() error {
 	if c.RolloutTick < 0 {
 		errs = append(errs, errors.New("rollout tick must not be negative"))
 	}
+	if c.MQTTBroker != "" {
+		if _, _, err := notify.ParseBroker(c.MQTTBroker); err != nil {
+			errs = append(errs, err)
+		}
+		if c.MQTTListen != "" {
+			errs = append(errs, errors.New("an external MQTT broker and the embedded one exclude each other: set mqtt_listen off"))
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -106,6 +124,13 @@ type Server struct {
 	maxConns int
 	// Broker is the embedded MQTT broker (nil when off).
 	Broker *notify.Broker
+	// MQTT is the connection to an external MQTT broker (nil when none).
+	MQTT *notify.Client
+	// renotify asks notifyRollouts to notify every current cohort again
+	// (the external broker is back after an outage).
+	renotify chan struct{}
+	// CoAP serves the device API over CoAP on DTLS (nil when off).
+	CoAP *coapapi.Server
 	log    *slog.Logger
 }
 
@@ -188,7 +213,8 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg, CA: ca, Repo: tuf}
 	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg, Repo: tuf}
 	mux := http.NewServeMux()
-	mux.Handle("/api/v1/", instrument(reg, "device", dev.Handler()))
+	devHandler := dev.Handler() // HTTPS and CoAP share its bounds
+	mux.Handle("/api/v1/", instrument(reg, "device", devHandler))
 	mux.Handle("/api/mgmt/v1/", instrument(reg, "management", mgmt.Handler()))
 	mux.Handle("GET "+mgmtapi.PathOpenAPI, mgmt.Handler())
 	mux.Handle("GET /metrics", reg.Handler())
@@ -223,14 +249,22 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
 	}
-	if c.MQTTListen != "" {
-		b, err := notify.Listen(c.MQTTListen, notify.Config{TLS: srv.TLS, Log: lg,
-			Allowed: func(id string) bool { return st.Active(context.Background(), id) == nil }})
+	if err := srv.setUpMQTT(c, reg); err != nil {
+		st.Close()
+		return nil, err
+	}
+	if c.CoAPListen != "" {
+		cs, err := coapapi.Listen(c.CoAPListen, coapapi.Config{Handler: instrument(reg, "coap", devHandler), Certificate: cert,
+			ClientCAs: ca.Pool(), Log: lg,
+			PSK: func(id string) ([]byte, error) {
+				psk, err := st.DevicePSK(context.Background(), id)
+				return []byte(psk), err
+			}})
 		if err != nil {
-			st.Close()
+			srv.Close()
 			return nil, err
 		}
-		srv.Broker = b
+		srv.CoAP = cs
 	}
 	return srv, nil
 }
@@ -256,7 +290,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		}
 		s.log.Info("mqtt broker serving", "addr", s.Broker.Addr().String())
 		defer s.Broker.Close()
-		go s.notifyRollouts(ectx, time.Second)
+	}
+	if s.MQTT != nil {
+		s.MQTT.Start()
+		defer s.MQTT.Close()
+	}
+	if n := s.notifier(); n != nil {
+		go s.notifyRollouts(ectx, n, time.Second)
+	}
+	if s.CoAP != nil {
+		s.CoAP.Serve()
+		s.log.Info("coap serving", "addr", s.CoAP.Addr().String())
+		defer s.CoAP.Close()
 	}
 	go s.refreshTUF(ectx)
 	select {
@@ -275,7 +320,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // resumed), the devices of its current cohort that have neither the
 // release nor an outcome for it are notified once. A device that is not
 // connected finds the offer at its next poll.
-func (s *Server) notifyRollouts(ctx context.Context, every time.Duration) {
+func (s *Server) notifyRollouts(ctx context.Context, n notifier, every time.Duration) {
 	seen := map[string]bool{}
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -297,10 +342,17 @@ func (s *Server) notifyRollouts(ctx context.Context, every time.Duration) {
 				s.log.Error("notify: cohort", "rollout", r.Spec.ID, "err", err)
 				continue
 			}
-			if err := s.Broker.Notify("update", ids...); err != nil {
+			switch err := n.Notify("update", ids...); {
+			case errors.Is(err, notify.ErrNotConnected):
+				// Those devices poll; when the broker is back the cohort
+				// is notified again (renotify).
+				s.Metrics.Add("fieldpatch_notifications_dropped_total", float64(len(ids)))
+			case err != nil:
 				s.log.Warn("notify", "rollout", r.Spec.ID, "err", err)
+				s.Metrics.Add("fieldpatch_notifications_total", float64(len(ids)))
+			default:
+				s.Metrics.Add("fieldpatch_notifications_total", float64(len(ids)))
 			}
-			s.Metrics.Add("fieldpatch_notifications_total", float64(len(ids)))
 			seen[key] = true
 		}
 		for k := range seen { // forget rollouts that moved on or ended
@@ -312,8 +364,72 @@ func (s *Server) notifyRollouts(ctx context.Context, every time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-s.renotify:
+			clear(seen)
 		}
 	}
+}
+
+// notifier is where notifications go: the embedded broker or the
+// connection to an external one.
+type notifier interface {
+	Notify(kind string, deviceIDs ...string) error
+}
+
+func (s *Server) notifier() notifier {
+	switch {
+	case s.Broker != nil:
+		return s.Broker
+	case s.MQTT != nil:
+		return s.MQTT
+	}
+	return nil
+}
+
+// setUpMQTT makes the embedded broker or the client of an external one,
+// both taking the status reports devices publish.
+func (s *Server) setUpMQTT(c Config, reg *metrics.Registry) error {
+	reg.Counter("fieldpatch_notifications_dropped_total", "Device notifications not sent because the external MQTT broker was down (those devices poll, and are notified again once it is back).")
+	reg.Counter("fieldpatch_mqtt_reports_total", "Status reports received over MQTT and stored.")
+	reg.Counter("fieldpatch_mqtt_rejected_total", "Status reports over MQTT refused (nothing stored), by reason.", "reason")
+	reg.Counter("fieldpatch_mqtt_broker_connects_total", "Connections made to the external MQTT broker.")
+	reg.Counter("fieldpatch_mqtt_broker_disconnects_total", "Connections to the external MQTT broker lost.")
+	allowed := func(id string) bool { return s.Store.Active(context.Background(), id) == nil }
+	reports := &notify.Reports{
+		Record:   s.Store.RecordReport,
+		NoUpdate: store.ErrNotFound,
+		Allowed:  allowed,
+		Stored: func(status string) {
+			reg.Add("fieldpatch_reports_total", 1, status)
+			reg.Add("fieldpatch_mqtt_reports_total", 1)
+		},
+		Refused: func(reason string) { reg.Add("fieldpatch_mqtt_rejected_total", 1, reason) },
+		Log:     s.log,
+	}
+	switch {
+	case c.MQTTListen != "":
+		b, err := notify.Listen(c.MQTTListen, notify.Config{TLS: s.TLS, Log: s.log, Allowed: allowed, Reports: reports})
+		if err != nil {
+			return err
+		}
+		s.Broker = b
+	case c.MQTTBroker != "":
+		s.renotify = make(chan struct{}, 1)
+		cl, err := notify.NewClient(notify.ClientConfig{Broker: c.MQTTBroker, CA: s.CA, Reports: reports, Log: s.log,
+			Up: func() {
+				reg.Add("fieldpatch_mqtt_broker_connects_total", 1)
+				select {
+				case s.renotify <- struct{}{}:
+				default:
+				}
+			},
+			Down: func(error) { reg.Add("fieldpatch_mqtt_broker_disconnects_total", 1) }})
+		if err != nil {
+			return err
+		}
+		s.MQTT = cl
+	}
+	return nil
 }
 
 // refreshTUF re-signs the online TUF metadata at half its lifetime, checking
@@ -363,6 +479,12 @@ func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 func (s *Server) Close() error {
 	if s.Broker != nil {
 		s.Broker.Close()
+	}
+	if s.MQTT != nil {
+		s.MQTT.Close()
+	}
+	if s.CoAP != nil {
+		s.CoAP.Close()
 	}
 	return s.Store.Close()
 }

@@ -90,6 +90,10 @@ type Options struct {
 	// X25519 + ML-KEM-768 hybrid first). A constrained device's TLS stack
 	// may offer X25519 alone.
 	Curves []tls.CurveID
+	// CoAP, if set (coaps://HOST:PORT), carries the device API over CoAP
+	// on DTLS instead of HTTPS; CoAPAuth says how the device
+	// authenticates there: "cert" (default) or "psk".
+	CoAP, CoAPAuth string
 }
 
 // Open reads a bundle and makes the mutual-TLS client.
@@ -160,6 +164,18 @@ func OpenWith(dir string, o Options) (*Link, error) {
 	tr.TLSClientConfig.CurvePreferences = o.Curves
 	l.tlsConfig = tr.TLSClientConfig
 	l.HTTP = &http.Client{Transport: &observer{base: tr, clock: l.Clock}}
+	if o.CoAP != "" {
+		addr, err := ParseCoAP(o.CoAP)
+		if err != nil {
+			return nil, err
+		}
+		host, _, _ := net.SplitHostPort(addr)
+		ct, err := l.coapTransport(addr, o.CoAPAuth, host, pool)
+		if err != nil {
+			return nil, fmt.Errorf("provisioning bundle %s: %w", dir, err)
+		}
+		l.HTTP = &http.Client{Transport: &observer{base: ct, clock: l.Clock}}
+	}
 	return l, nil
 }
 
@@ -440,6 +456,11 @@ func Enroll(ctx context.Context, c EnrollConfig, dir string, log func(string)) e
 				name string
 				data []byte
 			}{{"device.pem", []byte(resp.CertPEM)}, {"ca.pem", []byte(resp.CAPEM)}}
+			if resp.PSK != "" {
+				if err := atomicfile.Write(filepath.Join(dir, PSKFile), []byte(resp.PSK+"\n"), 0o600); err != nil {
+					return err
+				}
+			}
 			if len(resp.TUFRoot) > 0 {
 				files = append(files, struct {
 					name string

@@ -95,6 +95,27 @@ func (a *API) Handler() http.Handler {
 	return mux
 }
 
+type ctxKey int
+
+const (
+	keyDevice ctxKey = iota
+	keyContinuation
+)
+
+// WithDevice marks a request as coming from a device another transport
+// has authenticated (CoAP over DTLS, in process): the API takes the device
+// ID from the context instead of a TLS client certificate. Requests from
+// the network cannot carry it.
+func WithDevice(ctx context.Context, deviceID string) context.Context {
+	return context.WithValue(ctx, keyDevice, deviceID)
+}
+
+// WithContinuation marks an image read as the next part of a download
+// already counted (a CoAP block after the first).
+func WithContinuation(ctx context.Context) context.Context {
+	return context.WithValue(ctx, keyContinuation, true)
+}
+
 type deviceHandler func(w http.ResponseWriter, r *http.Request, deviceID string)
 
 // device wraps a handler: load shedding, then the device's identity from
@@ -113,12 +134,19 @@ func (a *API) limited(sem chan struct{}, h deviceHandler) http.HandlerFunc {
 			fail(w, http.StatusServiceUnavailable, "server busy: retry later")
 			return
 		}
-		if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
-			fail(w, http.StatusUnauthorized, "a device certificate is required")
-			return
+		id, ok := r.Context().Value(keyDevice).(string)
+		if !ok {
+			if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+				fail(w, http.StatusUnauthorized, "a device certificate is required")
+				return
+			}
+			var err error
+			id, err = pki.DeviceID(r.TLS.VerifiedChains[0][0])
+			if err != nil {
+				id = ""
+			}
 		}
-		id, err := pki.DeviceID(r.TLS.VerifiedChains[0][0])
-		if err != nil || proto.ValidID("device", id) != nil {
+		if proto.ValidID("device", id) != nil {
 			fail(w, http.StatusForbidden, "the certificate names no valid device")
 			return
 		}
@@ -278,7 +306,9 @@ func (a *API) blob(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	w.Header().Set("ETag", `"`+sum+`"`)
 	w.Header().Set("Content-Type", "application/octet-stream")
-	a.Metrics.Add("fieldpatch_downloads_total", 1)
+	if r.Context().Value(keyContinuation) == nil {
+		a.Metrics.Add("fieldpatch_downloads_total", 1)
+	}
 	cw := &countingWriter{ResponseWriter: w}
 	http.ServeContent(cw, r, "", fi.ModTime(), f)
 	a.Metrics.Add("fieldpatch_download_bytes_total", float64(cw.n))
@@ -364,8 +394,13 @@ func (a *API) enroll(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	psk := pki.NewPSK()
+	if err := a.Store.SetDevicePSK(ctx, req.DeviceID, psk); err != nil {
+		a.storeError(w, "enroll", req.DeviceID, err)
+		return
+	}
 	a.Log.Info("device enrolled", "device", req.DeviceID, "by_token", req.Token != "")
-	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM), TUFRoot: a.tufRoot()})
+	writeJSON(w, proto.EnrollResponse{Status: "enrolled", CertPEM: string(cert), CAPEM: string(a.CA.CertPEM), TUFRoot: a.tufRoot(), PSK: psk})
 }
 
 func (a *API) enrollError(w http.ResponseWriter, err error) {

@@ -453,6 +453,8 @@ type ProvisionResponse struct {
 	// TUFRoot is the TUF repository's current root metadata, the device's
 	// first trusted root (absent before "fieldpatch trust init").
 	TUFRoot json.RawMessage `json:"tuf_root,omitempty"`
+	// PSK is the device's pre-shared key for CoAP over DTLS.
+	PSK string `json:"psk"`
 }
 
 func (a *API) provision(w http.ResponseWriter, r *http.Request) {
@@ -479,7 +481,12 @@ func (a *API) provision(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	resp := ProvisionResponse{DeviceID: req.ID, CertPEM: string(cert), CAPEM: string(a.CA.CertPEM)}
+	psk := pki.NewPSK()
+	if err := a.Store.SetDevicePSK(r.Context(), req.ID, psk); err != nil {
+		a.storeError(w, err)
+		return
+	}
+	resp := ProvisionResponse{DeviceID: req.ID, CertPEM: string(cert), CAPEM: string(a.CA.CertPEM), PSK: psk}
 	if a.Repo != nil {
 		if root, err := a.Repo.Current("root"); err == nil {
 			resp.TUFRoot = root

@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
@@ -251,4 +252,14 @@ func DeviceID(cert *x509.Certificate) (string, error) {
 		}
 	}
 	return "", errors.New("the certificate names no device")
+}
+
+// NewPSK makes a device's pre-shared key for CoAP over DTLS: 128 random
+// bits written as 32 hexadecimal characters. The key is those characters'
+// bytes, so that a device or a tool that takes a key as text (libcoap's
+// coap-client -k) uses it as it is.
+func NewPSK() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

@@ -240,3 +240,30 @@ func (s *Store) ListReleases(ctx context.Context, hwClass string) ([]Release, er
 	}
 	return out, rows.Err()
 }
+
+// SetDevicePSK records a device's new pre-shared key (CoAP over DTLS),
+// replacing the one before.
+func (s *Store) SetDevicePSK(ctx context.Context, deviceID, psk string) error {
+	if psk == "" {
+		return errors.New("empty pre-shared key")
+	}
+	return s.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO device_psks (device_id, psk, issued_at) VALUES (?, ?, ?)
+			ON CONFLICT (device_id) DO UPDATE SET psk = excluded.psk, issued_at = excluded.issued_at`, deviceID, psk, s.now().Unix())
+		return err
+	})
+}
+
+// DevicePSK is an active device's pre-shared key; ErrNotFound for a device
+// without one, ErrRevoked for a revoked device.
+func (s *Store) DevicePSK(ctx context.Context, deviceID string) (string, error) {
+	if err := s.Active(ctx, deviceID); err != nil {
+		return "", err
+	}
+	var psk string
+	err := s.db.QueryRowContext(ctx, `SELECT psk FROM device_psks WHERE device_id = ?`, deviceID).Scan(&psk)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", fmt.Errorf("device %s has no pre-shared key: %w", deviceID, ErrNotFound)
+	}
+	return psk, err
+}

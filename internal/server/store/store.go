@@ -227,6 +227,13 @@ var migrations = []string{
 	// 6: the downloads in progress of a rollout (its max_downloads limit,
 	// counted at every start) without reading its finished attempts.
 	`CREATE INDEX updates_live_by_rollout ON updates(rollout_id, status, updated_at) WHERE retired = 0;`,
+	// 7: each device's pre-shared key for CoAP over DTLS, issued at
+	// enrollment and renewal.
+	`CREATE TABLE device_psks (
+		device_id TEXT PRIMARY KEY REFERENCES devices(id),
+		psk       TEXT NOT NULL,
+		issued_at INTEGER NOT NULL
+	);`,
 }
 
 // Open opens (creating if needed) the database at path and applies pending
