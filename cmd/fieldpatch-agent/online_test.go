@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -31,6 +32,7 @@ type liveServer struct {
 	dataDir string
 	url     string
 	mqtt    string // mqtts://HOST:PORT
+	coap    string // coaps://HOST:PORT, with --coap-listen
 	cmd     *exec.Cmd
 }
 
@@ -102,6 +104,14 @@ func startServer(t *testing.T, dataDir, listen string, env ...string) *liveServe
 		if a, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "MQTT broker     "); ok {
 			s.mqtt, _, _ = strings.Cut(a, " ")
 			break
+		}
+	}
+	if slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, "--coap-listen=") }) {
+		for sc.Scan() {
+			if a, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "CoAP over DTLS  "); ok {
+				s.coap, _, _ = strings.Cut(a, " ")
+				break
+			}
 		}
 	}
 	go func() {
@@ -561,4 +571,31 @@ func TestOnlineDaemonRenews(t *testing.T) {
 		t.Fatal("identity.pem holds the provisioned certificate")
 	}
 	t.Logf("%d certificates issued while the daemon ran", len(serials))
+}
+
+// metrics reads the server's /metrics.
+func (s *liveServer) metrics() string {
+	s.t.Helper()
+	ca, _ := os.ReadFile(filepath.Join(s.dataDir, "pki", "ca.pem"))
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := hc.Get(s.url + "/metrics")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// grepLines keeps the lines that hold sub.
+func grepLines(text, sub string) string {
+	var out []string
+	for line := range strings.Lines(text) {
+		if strings.Contains(line, sub) {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "")
 }

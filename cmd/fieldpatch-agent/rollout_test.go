@@ -525,3 +525,55 @@ func TestOnlineMQTTWakesAgent(t *testing.T) {
 		t.Errorf("committed %v after the rollout started", took)
 	}
 }
+
+// Two agents that speak CoAP over DTLS instead of HTTPS, one with its
+// pre-shared key and one with its certificate, complete a full update from
+// a TUF-signed release: check-ins, metadata and the image block-wise,
+// progress and outcome reports, all over CoAP.
+func TestOnlineCoAPUpdate(t *testing.T) {
+	agentBin := agentBinary(t)
+	srv := newServer(t, "127.0.0.1:0", "--rollout-tick=200ms", "--coap-listen=127.0.0.1:0")
+	if !strings.HasPrefix(srv.coap, "coaps://127.0.0.1:") {
+		t.Fatalf("the server's CoAP address: %q", srv.coap)
+	}
+	keys := filepath.Join(t.TempDir(), "keys")
+	srv.run("trust", "init", "--keys", keys)
+	devs := map[string]*fileDevice{}
+	for id, auth := range map[string]string{"lock-psk": "psk", "lock-cert": "cert"} {
+		d := linkedDevice(t, srv, id, "fleet")
+		var cfg map[string]any
+		b, _ := os.ReadFile(d.cfg)
+		json.Unmarshal(b, &cfg)
+		cfg["link"] = map[string]string{"bundle": "bundle", "coap": srv.coap, "coap_auth": auth}
+		b, _ = json.MarshalIndent(cfg, "", "  ")
+		os.WriteFile(d.cfg, b, 0o644)
+		devs[id] = d
+	}
+	d := devs["lock-psk"]
+	srv.run("release", "upload", "--id", "lock-2.0.0", d.v2)
+	srv.run("trust", "publish", "lock-2.0.0", "--keys", keys)
+	srv.run("rollout", "create", "lock-2.0.0", "--id", "r1", "--group", "fleet", "--min-sample", "1", "--start")
+	l := startLives(t, agentBin, devs)
+	waitFor(t, "both devices to commit 2.0.0 over CoAP", 90*time.Second, func() bool {
+		return lastUpdate(srv.device("lock-psk")) == "committed" && lastUpdate(srv.device("lock-cert")) == "committed"
+	})
+	l.wait()
+	for id, d := range devs {
+		if _, f := d.status(); f.RunningVersion != "2.0.0" {
+			t.Errorf("%s runs %s", id, f.RunningVersion)
+		}
+	}
+	// It all went over CoAP: the server counted no HTTPS request from a
+	// device (provisioning and the CLI use the management API).
+	m := srv.metrics()
+	t.Logf("requests:\n%s", grepLines(m, "fieldpatch_http_requests_total"))
+	if !strings.Contains(m, `fieldpatch_http_requests_total{api="coap",code="200"}`) {
+		t.Errorf("no CoAP requests counted:\n%s", grepLines(m, "fieldpatch_http_requests_total"))
+	}
+	if strings.Contains(m, `fieldpatch_http_requests_total{api="device"`) {
+		t.Errorf("devices used HTTPS:\n%s", grepLines(m, "fieldpatch_http_requests_total"))
+	}
+	if !strings.Contains(m, "fieldpatch_downloads_total 2\n") {
+		t.Errorf("want 2 downloads (one per device, not one per block):\n%s", grepLines(m, "fieldpatch_download"))
+	}
+}

@@ -183,24 +183,26 @@ func resume(ctx context.Context, args []string, stdout, stderr io.Writer, name, 
 		if err := checkOffersWithTUF(r, l); err != nil {
 			return err
 		}
+		var srv agent.Server = l
 		if cfg.Link.MQTT != "" {
+			// Notifications wake the daemon; progress reports go over MQTT
+			// while it is up (outcomes always over HTTPS).
 			wake := make(chan struct{}, 1)
-			r.Wake = wake
-			mctx, stopMQTT := context.WithCancel(ctx)
-			defer stopMQTT()
-			go func() {
-				err := l.ListenMQTT(mctx, cfg.Link.MQTT, func() {
-					select {
-					case wake <- struct{}{}:
-					default: // a wake-up is already pending
-					}
-				})
-				if err != nil {
-					fmt.Fprintf(stderr, "mqtt: %v (polling only)\n", err)
+			m, err := l.DialMQTT(cfg.Link.MQTT, func() {
+				select {
+				case wake <- struct{}{}:
+				default: // a wake-up is already pending
 				}
-			}()
+			})
+			if err != nil {
+				fmt.Fprintf(stderr, "mqtt: %v (polling only)\n", err)
+			} else {
+				defer m.Close()
+				r.Wake = wake
+				srv = link.WithMQTT{Server: l, MQTT: m}
+			}
 		}
-		err = r.Daemon(ctx, l)
+		err = r.Daemon(ctx, srv)
 		switch {
 		case errors.Is(err, agent.ErrReboot):
 			fmt.Fprintln(stdout, "reboot required to continue the update")
@@ -260,7 +262,7 @@ func openLink(ctx context.Context, cfg *agent.Config, stderr io.Writer, force bo
 			return nil, cli.Failed(err)
 		}
 	}
-	l, err := link.Open(dir)
+	l, err := link.OpenWith(dir, link.Options{CoAP: cfg.Link.CoAP, CoAPAuth: cfg.Link.CoAPAuth})
 	if err != nil {
 		return nil, cli.Failed(err)
 	}

@@ -98,6 +98,13 @@ type LinkConfig struct {
 	// agent listens there for notifications and checks in at once when
 	// one comes, instead of at its next poll. Polling goes on as before.
 	MQTT string `json:"mqtt,omitempty"`
+	// CoAP, if set (coaps://HOST:PORT), carries check-ins, reports, TUF
+	// metadata and image downloads over CoAP on DTLS instead of HTTPS
+	// (enrollment stays on HTTPS). CoAPAuth is how the device
+	// authenticates there: "cert" (its certificate, the default) or "psk"
+	// (the pre-shared key of its bundle, psk.txt).
+	CoAP     string `json:"coap,omitempty"`
+	CoAPAuth string `json:"coap_auth,omitempty"`
 }
 
 // EnrollConfig is how a device without a bundle enrolls: it makes its own
@@ -138,6 +145,14 @@ func (c *Config) Validate() error {
 	errs := []error{c.Config.Validate()}
 	if c.Link != nil && c.Link.Bundle == "" {
 		errs = append(errs, errors.New("link.bundle is required when link is given"))
+	}
+	if c.Link != nil && c.Link.CoAP != "" {
+		if u, err := url.Parse(c.Link.CoAP); err != nil || u.Scheme != "coaps" || u.Hostname() == "" || u.Port() == "" {
+			errs = append(errs, fmt.Errorf("link.coap %q: want coaps://HOST:PORT", c.Link.CoAP))
+		}
+	}
+	if c.Link != nil && c.Link.CoAPAuth != "" && c.Link.CoAPAuth != "cert" && c.Link.CoAPAuth != "psk" {
+		errs = append(errs, fmt.Errorf("link.coap_auth %q: want cert or psk", c.Link.CoAPAuth))
 	}
 	if c.Link != nil && c.Link.MQTT != "" {
 		if u, err := url.Parse(c.Link.MQTT); err != nil || u.Scheme != "mqtts" || u.Hostname() == "" || u.Port() == "" {
