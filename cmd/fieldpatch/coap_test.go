@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,13 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	piondtls "github.com/pion/dtls/v3"
+	coapdtls "github.com/plgd-dev/go-coap/v3/dtls"
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/net/blockwise"
+	"github.com/plgd-dev/go-coap/v3/options"
 
 	"github.com/fieldpatch/fieldpatch/internal/device/link"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -146,4 +154,104 @@ func TestCoAPPeerDownloadsImage(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// Bad input over CoAP: bogus block options, a Block1 upload, oversized and
+// malformed payloads, other methods and paths. Each is refused with its
+// code, nothing is stored, and the server still serves afterwards.
+func TestCoAPBadInput(t *testing.T) {
+	f := newCoAPFixture(t)
+	before := mustFP(t, append([]string{"device", "show", "lock-1"}, f.srv...)...)
+	key := f.psk(t, "lock-1")
+	cc, err := coapdtls.Dial(f.coap, coapdtls.NewDTLSClientOptions(
+		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte(key), nil }),
+		piondtls.WithPSKIdentityHint([]byte("lock-1")),
+		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256)),
+		options.WithBlockwise(false, blockwise.SZX1024, time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	blob := proto.PathBlobs + f.sum
+	block := func(szx blockwise.SZX, num int64) message.Option {
+		v, err := blockwise.EncodeBlockOption(szx, num, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return message.Option{ID: message.Block2, Value: uint32Bytes(v)}
+	}
+	do := func(code codes.Code, path string, body []byte, opts ...message.Option) (codes.Code, string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		req := cc.AcquireMessage(ctx)
+		defer cc.ReleaseMessage(req)
+		req.SetCode(code)
+		req.SetType(message.Confirmable)
+		if err := req.SetPath(path); err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range opts {
+			req.AddOptionBytes(o.ID, o.Value)
+		}
+		if body != nil {
+			req.SetContentFormat(message.AppJSON)
+			req.SetBody(bytes.NewReader(body))
+		}
+		resp, err := cc.Do(req)
+		if err != nil {
+			t.Fatalf("%v %s: %v", code, path, err)
+		}
+		defer cc.ReleaseMessage(resp)
+		b, _ := resp.ReadBody()
+		return resp.Code(), string(b)
+	}
+	report := func(mut func(m map[string]any)) []byte {
+		m := map[string]any{"report_id": "r-bad-1", "update_id": f.offer.UpdateID, "status": "downloading"}
+		mut(m)
+		b, _ := json.Marshal(m)
+		return b
+	}
+	for _, c := range []struct {
+		name string
+		code codes.Code
+		path string
+		body []byte
+		opts []message.Option
+		want codes.Code
+	}{
+		{"block size exponent 7", codes.GET, blob, nil, []message.Option{block(blockwise.SZXBERT, 0)}, codes.BadOption},
+		{"block past the end", codes.GET, blob, nil, []message.Option{block(blockwise.SZX1024, 5000)}, codes.BadOption},
+		{"block number too large", codes.GET, blob, nil, []message.Option{block(blockwise.SZX16, 1<<19)}, codes.BadOption},
+		{"Block1 upload", codes.POST, proto.PathReports, report(func(map[string]any) {}),
+			[]message.Option{{ID: message.Block1, Value: []byte{0x0e}}}, codes.RequestEntityTooLarge},
+		{"payload over a block", codes.POST, proto.PathReports, report(func(m map[string]any) { m["reason"] = strings.Repeat("x", 1050) }), nil, codes.RequestEntityTooLarge},
+		{"malformed JSON", codes.POST, proto.PathReports, []byte(`{"report_id": "r-bad-2", "status": `), nil, codes.BadRequest},
+		{"unknown field", codes.POST, proto.PathReports, report(func(m map[string]any) { m["extra"] = 1 }), nil, codes.BadRequest},
+		{"bad status", codes.POST, proto.PathReports, report(func(m map[string]any) { m["status"] = "bricked" }), nil, codes.BadRequest},
+		{"another update", codes.POST, proto.PathReports, report(func(m map[string]any) { m["update_id"] = "0123456789abcdef0123" }), nil, codes.NotFound},
+		{"PUT", codes.PUT, proto.PathReports, []byte(`{}`), nil, codes.MethodNotAllowed},
+		{"DELETE", codes.DELETE, blob, nil, nil, codes.MethodNotAllowed},
+		{"unknown path", codes.GET, "/etc/passwd", nil, nil, codes.NotFound},
+		{"management API", codes.GET, "/api/mgmt/v1/devices", nil, nil, codes.NotFound},
+		{"another's image", codes.GET, proto.PathBlobs + strings.Repeat("ab", 32), nil, nil, codes.NotFound},
+	} {
+		if got, body := do(c.code, c.path, c.body, c.opts...); got != c.want {
+			t.Errorf("%s: %v %s", c.name, got, body)
+		}
+	}
+	if after := mustFP(t, append([]string{"device", "show", "lock-1"}, f.srv...)...); after != before {
+		t.Errorf("the device's record changed:\nbefore %s\nafter  %s", before, after)
+	}
+	// Still serving: the last block of the image.
+	size := (307885 + 1023) / 1024
+	if got, _ := do(codes.GET, blob, nil, block(blockwise.SZX1024, int64(size-1))); got != codes.Content {
+		t.Fatalf("after the bad input, the image's last block: %v", got)
+	}
+}
+
+func uint32Bytes(v uint32) []byte {
+	b := make([]byte, 4)
+	n, _ := message.EncodeUint32(b, v)
+	return b[:n]
 }
