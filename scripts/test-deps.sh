@@ -21,7 +21,9 @@ packages=(
 	fdisk            # sfdisk: the virtual board's partition table
 	dosfstools       # mkfs.vfat: the boot partition
 	mtools           # mcopy: boot.scr onto the FAT image without mounting
-	mosquitto-clients # mosquitto_sub / mosquitto_pub: the MQTT broker's real peers
+	mosquitto-clients # mosquitto_sub / mosquitto_pub / mosquitto_rr: the MQTT broker's real peers
+	mosquitto        # the external MQTT broker (--mqtt-broker) the server and agents are tested against
+	libcoap3-bin     # coap-client-openssl: CoAP over DTLS interoperability (PSK and certificates)
 )
 # make bench (scripts/test-deps.sh --bench) also needs the peers it measures against.
 if [ "${1:-}" = "--bench" ]; then
