@@ -1,8 +1,12 @@
-// Package notify is the server's MQTT broker (mochi-mqtt, embedded): devices
-// connect over TLS 1.3 with the same client certificates as the device API,
-// each may subscribe and publish only below its own topic prefix
-// (fp/dev/ID/), and the server publishes "update available" there so that a
-// device checks in within a second instead of at its next poll.
+// Package notify is the server's side of MQTT: its embedded broker
+// (mochi-mqtt), or its client of an external broker (Mosquitto) for larger
+// fleets. Devices connect over TLS 1.3 with the same client certificates as
+// the device API, each may read only below its own topic prefix
+// (fp/dev/ID/) and publish only its status reports (fp/dev/ID/status).
+// The server publishes "update available" on fp/dev/ID/notify so that a
+// device checks in within a second instead of at its next poll, and takes
+// the status reports devices publish: checked as strictly as over HTTPS,
+// stored, and acknowledged on fp/dev/ID/ack.
 package notify
 
 import (
@@ -54,14 +58,19 @@ type Config struct {
 	// ConnectTimeout is how long a connection may take to send CONNECT
 	// (default 20 s).
 	ConnectTimeout time.Duration
+	// Reports, if set, takes the status reports devices publish on
+	// fp/dev/ID/status (ID being the device the connection's certificate
+	// names) and acknowledges them on fp/dev/ID/ack.
+	Reports *Reports
 }
 
 // Broker is the embedded MQTT broker.
 type Broker struct {
-	srv  *mqtt.Server
-	ln   net.Listener
-	log  *slog.Logger
-	once sync.Once
+	srv    *mqtt.Server
+	ln     net.Listener
+	log    *slog.Logger
+	once   sync.Once
+	status *statusQueue // nil without Config.Reports
 }
 
 // Listen makes a broker on addr (not yet serving).
@@ -96,7 +105,27 @@ func Listen(addr string, c Config) (*Broker, error) {
 		raw.Close()
 		return nil, err
 	}
-	return &Broker{srv: srv, ln: raw, log: c.Log}, nil
+	b := &Broker{srv: srv, ln: raw, log: c.Log}
+	if c.Reports != nil {
+		b.status = newStatusQueue(c.Reports, func(id string, ack []byte) { srv.Publish(AckTopic(id), ack, false, 1) })
+		// Inline subscribers are called on the publishing device's
+		// connection: the hook pinned its client ID (pk.Origin) to the
+		// device its certificate names, and the ACL kept it to its own
+		// topic.
+		err := srv.Subscribe(StatusFilter, 1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+			if id := DeviceFromTopic(pk.TopicName); id == "" || id != pk.Origin {
+				b.status.refused(pk.Origin, "", refuse(RefusedTopic, fmt.Errorf("%s published on %s", pk.Origin, pk.TopicName)))
+				return
+			}
+			b.status.offer(pk.Origin, pk.Payload)
+		})
+		if err != nil {
+			b.status.close()
+			raw.Close()
+			return nil, err
+		}
+	}
+	return b, nil
 }
 
 // Addr is the broker's listening address.
@@ -105,10 +134,16 @@ func (b *Broker) Addr() net.Addr { return b.ln.Addr() }
 // Serve starts serving (it returns at once; Close stops).
 func (b *Broker) Serve() error { return b.srv.Serve() }
 
-// Close stops the broker and drops its clients.
+// Close stops the broker and drops its clients, after storing the status
+// reports already taken.
 func (b *Broker) Close() error {
 	var err error
-	b.once.Do(func() { err = b.srv.Close() })
+	b.once.Do(func() {
+		err = b.srv.Close()
+		if b.status != nil {
+			b.status.close()
+		}
+	})
 	return err
 }
 
@@ -142,7 +177,7 @@ type deviceHook struct {
 func (h *deviceHook) ID() string { return "fieldpatch-devices" }
 
 func (h *deviceHook) Provides(b byte) bool {
-	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
+	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck || b == mqtt.OnPublish
 }
 
 // OnConnectAuthenticate: the TLS handshake is done; the device is the one
@@ -174,8 +209,9 @@ func (h *deviceHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 	return true
 }
 
-// OnACLCheck: a device reads and writes only below fp/dev/ID/ (which also
-// refuses wildcards above it and shared subscriptions).
+// OnACLCheck: a device reads only below fp/dev/ID/ (which also refuses
+// wildcards above it and shared subscriptions) and writes only its status
+// topic, fp/dev/ID/status.
 func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if cl.Net.Inline {
 		return true
@@ -184,7 +220,19 @@ func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool 
 	if id == "" {
 		return false
 	}
+	if write {
+		return topic == StatusTopic(id)
+	}
 	return strings.HasPrefix(topic, TopicPrefix+id+"/")
+}
+
+// OnPublish: nothing a device publishes is retained (a device could
+// otherwise make the broker hold messages for ever).
+func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !cl.Net.Inline {
+		pk.FixedHeader.Retain = false
+	}
+	return pk, nil
 }
 
 // patientListener gives every connection ConnectTimeout to send CONNECT
