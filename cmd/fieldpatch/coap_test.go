@@ -3,10 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +26,7 @@ import (
 	"github.com/plgd-dev/go-coap/v3/net/blockwise"
 	"github.com/plgd-dev/go-coap/v3/options"
 
+	"github.com/fieldpatch/fieldpatch/internal/device/agent"
 	"github.com/fieldpatch/fieldpatch/internal/device/link"
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/testenv"
@@ -230,6 +234,7 @@ func TestCoAPBadInput(t *testing.T) {
 		{"unknown field", codes.POST, proto.PathReports, report(func(m map[string]any) { m["extra"] = 1 }), nil, codes.BadRequest},
 		{"bad status", codes.POST, proto.PathReports, report(func(m map[string]any) { m["status"] = "bricked" }), nil, codes.BadRequest},
 		{"another update", codes.POST, proto.PathReports, report(func(m map[string]any) { m["update_id"] = "0123456789abcdef0123" }), nil, codes.NotFound},
+		{"POST continuation without a start", codes.POST, proto.PathCheckIn, []byte(`{}`), []message.Option{block(blockwise.SZX1024, 1)}, codes.RequestEntityIncomplete},
 		{"PUT", codes.PUT, proto.PathReports, []byte(`{}`), nil, codes.MethodNotAllowed},
 		{"DELETE", codes.DELETE, blob, nil, nil, codes.MethodNotAllowed},
 		{"unknown path", codes.GET, "/etc/passwd", nil, nil, codes.NotFound},
@@ -254,4 +259,75 @@ func uint32Bytes(v uint32) []byte {
 	b := make([]byte, 4)
 	n, _ := message.EncodeUint32(b, v)
 	return b[:n]
+}
+
+// The agent's link over CoAP: a download resumed at an offset inside a
+// block gets exactly the rest of the image (206 with Content-Range); a
+// renewal, whose answer spans several blocks, is fetched block by block
+// with the POST repeated, and the next session presents the new
+// certificate; after the device is revoked, its open session is refused
+// at the next request and a new handshake fails.
+func TestCoAPLink(t *testing.T) {
+	f := newCoAPFixture(t)
+	img, err := os.ReadFile(filepath.Join(f.dir, "v2.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for _, auth := range []string{link.CoAPAuthPSK, link.CoAPAuthCert} {
+		l, err := link.OpenWith(f.bundle("lock-1"), link.Options{CoAP: "coaps://" + f.coap, CoAPAuth: auth})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, from := range []int64{0, 5000, 1024 * 7, int64(len(img)) - 10} {
+			resp, err := agent.GetFrom(ctx, l.HTTP, l.URL(f.offer.URL), from)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			wantStatus := http.StatusOK
+			if from > 0 {
+				wantStatus = http.StatusPartialContent
+			}
+			if err != nil || resp.StatusCode != wantStatus || !bytes.Equal(got, img[from:]) || resp.ContentLength != int64(len(img))-from {
+				t.Fatalf("%s from %d: %v %s, %d bytes (length %d), match %v", auth, from, err, resp.Status, len(got), resp.ContentLength, bytes.Equal(got, img[from:]))
+			}
+		}
+		if _, err := l.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err != nil {
+			t.Fatalf("%s check-in: %v", auth, err)
+		}
+	}
+	l, err := link.OpenWith(f.bundle("lock-1"), link.Options{CoAP: "coaps://" + f.coap, CoAPAuth: link.CoAPAuthCert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, _ := l.Certificate()
+	renewed, err := l.Renew(ctx)
+	if err != nil {
+		t.Fatalf("renew over CoAP: %v", err)
+	}
+	if renewed.SerialNumber.Cmp(old.SerialNumber) == 0 || renewed.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(old.PublicKey) {
+		t.Fatal("the renewal returned the same certificate or key")
+	}
+	if _, err := l.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err != nil {
+		t.Fatalf("check-in with the renewed certificate: %v", err)
+	}
+	psk, err := link.OpenWith(f.bundle("lock-1"), link.Options{CoAP: "coaps://" + f.coap, CoAPAuth: link.CoAPAuthPSK})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := psk.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err != nil {
+		t.Fatal(err)
+	}
+	mustFP(t, append([]string{"device", "revoke", "lock-1"}, f.srv...)...)
+	_, err = psk.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"})
+	if err == nil || !strings.Contains(err.Error(), "403") {
+		t.Fatalf("check-in on the open session after revocation: %v", err)
+	}
+	again, _ := link.OpenWith(f.bundle("lock-1"), link.Options{CoAP: "coaps://" + f.coap, CoAPAuth: link.CoAPAuthPSK})
+	if _, err := again.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err == nil || !strings.Contains(err.Error(), "handshake") {
+		t.Fatalf("a new PSK session after revocation: %v", err)
+	}
 }
