@@ -68,10 +68,20 @@ var allowed = map[Side][]Side{
 // canonical JSON and signature code, and sigstore's signature package with
 // the protobuf definitions that package carries. Eclipse Paho (the MQTT
 // client for notifications) and what it links: gorilla/websocket (MQTT over
-// WebSocket, unused here but linked), x/net's proxy dialer and x/sync. The
-// x/ modules are Go's own.
+// WebSocket, unused here but linked), x/net's proxy dialer and x/sync.
+// go-coap v3 and pion/dtls (CoAP over DTLS for constrained links) and what
+// they link: pion's logging and transport, uber's atomic, dsnet's memfile
+// (go-coap's block-wise buffers) and x/exp's constraints. The x/ modules
+// are Go's own.
 var AgentModules = []string{
 	"github.com/eclipse/paho.mqtt.golang",
+	"github.com/plgd-dev/go-coap/v3",
+	"github.com/pion/dtls/v3",
+	"github.com/pion/logging",
+	"github.com/pion/transport/v5",
+	"go.uber.org/atomic",
+	"github.com/dsnet/golib/memfile",
+	"golang.org/x/exp",
 	"github.com/gorilla/websocket",
 	"golang.org/x/net",
 	"golang.org/x/sync",
