@@ -486,7 +486,7 @@ func enrollingDevice(t *testing.T, s *liveServer, id, token string) *fileDevice 
 // run out; the certificate is renewed with a new key.
 func TestOnlineEnrollment(t *testing.T) {
 	agentBin := agentBinary(t)
-	srv := newServer(t, "127.0.0.1:0")
+	srv := newServer(t, "127.0.0.1:0", "--coap-listen=127.0.0.1:0")
 	token := strings.Fields(srv.run("enroll-token", "create", "--group", "lab", "--uses", "1", "--ttl", "1h"))[0]
 
 	byToken := enrollingDevice(t, srv, "lock-20", token)
@@ -532,6 +532,24 @@ func TestOnlineEnrollment(t *testing.T) {
 	}
 	seen := srv.device("lock-20").LastSeen
 	byToken.daemon(agentBin, func() bool { return srv.device("lock-20").LastSeen.After(seen) })
+
+	// Enrollment also gave it a pre-shared key: the same device checks in
+	// over CoAP with it.
+	if fi, err := os.Stat(filepath.Join(byToken.dir, "bundle", "psk.txt")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("the pre-shared key: %v", err)
+	}
+	var cfg map[string]any
+	b, _ := os.ReadFile(byToken.cfg)
+	json.Unmarshal(b, &cfg)
+	cfg["link"].(map[string]any)["coap"] = srv.coap
+	cfg["link"].(map[string]any)["coap_auth"] = "psk"
+	b, _ = json.MarshalIndent(cfg, "", "  ")
+	os.WriteFile(byToken.cfg, b, 0o644)
+	seen = srv.device("lock-20").LastSeen
+	byToken.daemon(agentBin, func() bool { return srv.device("lock-20").LastSeen.After(seen) })
+	if !strings.Contains(srv.metrics(), `fieldpatch_http_requests_total{api="coap",code="200"}`) {
+		t.Error("the check-in did not come over CoAP")
+	}
 }
 
 // A daemon that runs for longer than its certificate lives renews it on the
