@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -86,6 +87,7 @@ log_dest stderr
 log_type error
 log_type warning
 log_type notice
+log_type subscribe
 listener %d 127.0.0.1
 cafile %s
 certfile %s
@@ -163,6 +165,12 @@ func (m *Mosquitto) Kill() {
 	case <-time.After(10 * time.Second):
 		m.t.Errorf("mosquitto (pid %d) did not exit after SIGKILL", cmd.Process.Pid)
 	}
+}
+
+// Subscribed says whether a client has subscribed to topic (its log
+// line: "CLIENT-ID QOS TOPIC").
+func (m *Mosquitto) Subscribed(clientID, topic string) bool {
+	return strings.Contains(m.Log(), " "+clientID+" 1 "+topic+"\n") || strings.Contains(m.Log(), " "+clientID+" 0 "+topic+"\n")
 }
 
 // Log is what the broker printed.
