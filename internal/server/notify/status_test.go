@@ -387,3 +387,34 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Any payload: never a panic; what reaches the store is one valid report,
+// and everything else is refused with a reason.
+func FuzzStatusPayload(f *testing.F) {
+	f.Add([]byte(report("r-1", "u-1", proto.StatusDownloading, 0.5)))
+	f.Add([]byte(`{"report_id":"r","update_id":"u","status":"committed","reason":"ok","log_tail":"x","at":"2026-11-29T00:00:00Z"}`))
+	f.Add([]byte(`{"report_id":"r","update_id":"u","status":"installing","extra":1}`))
+	f.Add([]byte(`{"report_id":"r","update_id":"u","status":"installing"}{}`))
+	f.Add([]byte("\x00\xff{"))
+	f.Add([]byte(`null`))
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		var got *proto.Report
+		rs := &Reports{
+			Allowed: func(string) bool { return true },
+			Record: func(_ context.Context, _ string, r proto.Report) (bool, error) {
+				got = &r
+				return true, nil
+			},
+		}
+		id, stored, err := rs.Handle(context.Background(), "lock-1", payload)
+		if err != nil {
+			if got != nil || stored || Reason(err) == "" {
+				t.Fatalf("refused (%v) yet recorded %+v, stored %v, reason %q", err, got, stored, Reason(err))
+			}
+			return
+		}
+		if got == nil || got.Validate() != nil || got.ReportID != id || len(payload) > MaxStatusBytes {
+			t.Fatalf("accepted %q as %+v", payload, got)
+		}
+	})
+}
