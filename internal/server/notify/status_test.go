@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -350,6 +351,14 @@ func TestStatusReportsOverMQTT(t *testing.T) {
 				if u := f.update(id); u.Status != store.StatusOffered {
 					t.Errorf("%s's update is %s after forged reports, want it untouched", id, u.Status)
 				}
+			}
+			// Nothing a device publishes is retained: a later subscriber to
+			// its status topic hears nothing.
+			pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-r", "-m", report("r-ret", u1, proto.StatusInstalling, 0))...)
+			later := startSub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-v", "-W", "2")...)
+			var ee *exec.ExitError
+			if err := <-later.done; !errors.As(err, &ee) || ee.ExitCode() != 27 || strings.Contains(later.out.String(), "r-ret") {
+				t.Errorf("a retained status: %v %q, want nothing retained", err, later.out.String())
 			}
 			// And notifications still reach devices.
 			n := startSub(t, append(lock2, "-t", NotifyTopic("lock-2"), "-q", "1", "-C", "1", "-W", "25")...)
