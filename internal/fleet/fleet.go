@@ -63,8 +63,13 @@ type Config struct {
 	// Addresses is how many loopback source addresses (127.1.0.0/16 and
 	// up) the devices' connections are spread over (default 64).
 	Addresses int
-	Seed      uint64
-	Log       *slog.Logger
+	// StartSpread is the real time over which devices power on for the
+	// first time, each at a random point of it (default a second per 500
+	// devices). A fleet that has run for a while has its check-ins spread
+	// over the poll interval: give the poll interval's real length.
+	StartSpread time.Duration
+	Seed        uint64
+	Log         *slog.Logger
 	// TimeZones are given to devices in turn (none: no time zone).
 	TimeZones []string
 }
@@ -274,18 +279,23 @@ feed:
 }
 
 // Start powers every device on and lets it live (boot, check in, update,
-// reboot) until Stop. Devices start spread over a second per 500 of them
-// (a first check-in is a full TLS handshake, the costliest request), as a
-// fleet's check-ins are spread over its poll interval.
+// reboot) until Stop. Devices start at random points of Config.StartSpread
+// (by default a second per 500 of them: a first check-in is a full TLS
+// handshake, the costliest request), as a fleet's check-ins are spread
+// over its poll interval.
 func (f *Fleet) Start(ctx context.Context) {
 	ctx, f.cancel = context.WithCancel(ctx)
-	spread := max(time.Second, time.Duration(len(f.devs))*time.Second/500)
-	for i, d := range f.devs {
+	spread := f.cfg.StartSpread
+	if spread <= 0 {
+		spread = max(time.Second, time.Duration(len(f.devs))*time.Second/500)
+	}
+	rng := rand.New(rand.NewPCG(f.cfg.Seed^0x57a7, 1))
+	for _, d := range f.devs {
 		if d.lnk == nil {
 			continue
 		}
 		f.wg.Add(1)
-		delay := time.Duration(i) * spread / time.Duration(len(f.devs))
+		delay := time.Duration(rng.Int64N(int64(spread)))
 		go func() {
 			defer f.wg.Done()
 			if sleep(ctx, delay) != nil {
