@@ -39,7 +39,8 @@ const (
 )
 
 // ErrMQTTDown is returned by MQTT.Report while the broker connection is
-// not up (the report then goes over HTTPS).
+// not up, or after a report went unacknowledged on it (the report then
+// goes over HTTPS).
 var ErrMQTTDown = errors.New("mqtt: not connected")
 
 // MQTT is the device's session with the MQTT broker: notifications wake
@@ -51,6 +52,10 @@ type MQTT struct {
 	c     mqtt.Client
 	host  string
 	ready atomic.Bool // connected and subscribed to notifications and acknowledgements
+	// silent is set when a report went unacknowledged: the server takes
+	// no reports over MQTT (an older one), so until the next connection
+	// reports go straight over HTTPS.
+	silent atomic.Bool
 	conns atomic.Int64
 
 	mu   sync.Mutex
@@ -117,6 +122,7 @@ func (l *Link) DialMQTT(broker string, wake func()) (*MQTT, error) {
 					return // the next connection subscribes
 				}
 			}
+			m.silent.Store(false)
 			m.ready.Store(true)
 			l.logf("mqtt: connected to %s, listening on %s", u.Host, notify)
 			if m.conns.Add(1) == 1 {
@@ -178,10 +184,11 @@ func (m *MQTT) acked(payload []byte) {
 // Report publishes a status report (QoS 1) and waits for the server to
 // say it is stored. It fails when the session is down, when the server
 // refuses the report, and when no acknowledgement comes within a few
-// seconds: the caller then sends it over HTTPS (the same report ID, so a
-// report that was stored after all is not stored twice).
+// seconds (then, until the next connection, it fails at once): the
+// caller then sends it over HTTPS (the same report ID, so a report that
+// was stored after all is not stored twice).
 func (m *MQTT) Report(ctx context.Context, r proto.Report) error {
-	if !m.Connected() {
+	if !m.Connected() || m.silent.Load() {
 		return ErrMQTTDown
 	}
 	body, err := json.Marshal(r)
@@ -209,7 +216,8 @@ func (m *MQTT) Report(ctx context.Context, r proto.Report) error {
 		}
 		return nil
 	case <-t.C:
-		return errors.New("mqtt: the report was not acknowledged")
+		m.silent.Store(true)
+		return errors.New("mqtt: the report was not acknowledged (reports go over HTTPS until the next connection)")
 	case <-ctx.Done():
 		return ctx.Err()
 	}

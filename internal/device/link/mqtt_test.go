@@ -255,6 +255,18 @@ func TestMQTTReportsFallBackToHTTPS(t *testing.T) {
 	if !overHTTPS("dl-75") || time.Since(start) < mqttAckTimeout {
 		t.Fatalf("an unacknowledged progress report: over HTTPS %v after %v", overHTTPS("dl-75"), time.Since(start))
 	}
+	// A server that does not answer (one without MQTT reports) costs the
+	// wait once: until the next connection reports go straight to HTTPS.
+	start = time.Now()
+	send("dl-100", proto.StatusDownloading)
+	if !overHTTPS("dl-100") || time.Since(start) > time.Second {
+		t.Fatalf("after an unacknowledged report: over HTTPS %v after %v", overHTTPS("dl-100"), time.Since(start))
+	}
+	select {
+	case r := <-w.heard:
+		t.Fatalf("%s went over MQTT after the server stayed silent", r.ReportID)
+	default:
+	}
 
 	// A notification wakes the agent.
 	before := w.wakes.Load()
@@ -288,7 +300,7 @@ func TestMQTTReportsFallBackToHTTPS(t *testing.T) {
 	if overHTTPS("reboot") {
 		t.Fatal("after the reconnection an acknowledged report went over HTTPS")
 	}
-	if got := w.https.ids(); len(got) != 4 { // final, dl-50, dl-75, inst
+	if got := w.https.ids(); len(got) != 5 { // final, dl-50, dl-75, dl-100, inst
 		t.Fatalf("over HTTPS: %v", got)
 	}
 }
