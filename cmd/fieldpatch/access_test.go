@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net"
@@ -15,24 +14,8 @@ import (
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
+	"github.com/fieldpatch/fieldpatch/internal/testenv"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // mqttAddrs and coapAddrs hold each in-process server's MQTT and CoAP
 // addresses, by data directory.
@@ -50,7 +33,7 @@ func serveInProcess(t *testing.T, flags ...string) (string, string) {
 	ln.Close()
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errs syncBuffer
+	var out, errs testenv.Buffer
 	done := make(chan int)
 	go func() {
 		done <- run(ctx, append([]string{"serve", "--listen", addr, "--data-dir", dir, "--mqtt-listen", "127.0.0.1:0"}, flags...), &out, &errs)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/notify"
+	"github.com/fieldpatch/fieldpatch/internal/testenv"
 )
 
 // --mqtt-broker and "mqtt_broker": an external broker replaces the
@@ -62,7 +63,7 @@ func TestMQTTBrokerSettings(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errs syncBuffer
+	var out, errs testenv.Buffer
 	done := make(chan int)
 	go func() {
 		done <- run(ctx, []string{"serve", "--listen", addr, "--data-dir", filepath.Join(dir, "external"), "--config", f}, &out, &errs)

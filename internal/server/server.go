@@ -131,7 +131,7 @@ type Server struct {
 	renotify chan struct{}
 	// CoAP serves the device API over CoAP on DTLS (nil when off).
 	CoAP *coapapi.Server
-	log    *slog.Logger
+	log  *slog.Logger
 }
 
 // New opens (or, on first start, creates) everything in the data directory.

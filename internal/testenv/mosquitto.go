@@ -40,7 +40,7 @@ type Mosquitto struct {
 	mu     sync.Mutex // guards cmd and exited
 	cmd    *exec.Cmd
 	exited chan struct{}
-	log    lockedBuffer
+	log    Buffer
 }
 
 // StartMosquitto writes a configuration with the given CA, certificate and
@@ -176,18 +176,19 @@ func (m *Mosquitto) Subscribed(clientID, topic string) bool {
 // Log is what the broker printed.
 func (m *Mosquitto) Log() string { return m.log.String() }
 
-type lockedBuffer struct {
+// Buffer is a bytes.Buffer safe for a process writing while a test reads.
+type Buffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *Buffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+func (l *Buffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()

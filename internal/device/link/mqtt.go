@@ -56,7 +56,7 @@ type MQTT struct {
 	// no reports over MQTT (an older one), so until the next connection
 	// reports go straight over HTTPS.
 	silent atomic.Bool
-	conns atomic.Int64
+	conns  atomic.Int64
 
 	mu   sync.Mutex
 	acks map[string]chan bool // report ID -> its waiter

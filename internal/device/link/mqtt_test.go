@@ -148,7 +148,7 @@ func newMQTTWorld(t *testing.T) *mqttWorld {
 
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.cert)
-	opts := paho.NewClientOptions().AddBroker("tls://127.0.0.1:"+strconv.Itoa(w.mosq.Port)).SetClientID("fieldpatch:server-test").
+	opts := paho.NewClientOptions().AddBroker("tls://127.0.0.1:" + strconv.Itoa(w.mosq.Port)).SetClientID("fieldpatch:server-test").
 		SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "127.0.0.1", Certificates: []tls.Certificate{identity}}).
 		SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(time.Second).
 		SetOnConnectHandler(func(c paho.Client) {

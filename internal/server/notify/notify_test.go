@@ -53,20 +53,25 @@ func newWorld(t *testing.T) *world {
 }
 
 // device writes a device's key and certificate for the mosquitto tools.
-func (w *world) device(id string) []string {
+func (w *world) device(id string) []string { return deviceArgs(w.t, w.ca, w.dir, w.port, id) }
+
+// deviceArgs issues a device certificate from ca, writes it and its key
+// into dir, and returns the mosquitto tools' arguments to connect to port
+// with them (the CA in dir/pki).
+func deviceArgs(t *testing.T, ca *pki.CA, dir, port, id string) []string {
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		w.t.Fatal(err)
+		t.Fatal(err)
 	}
-	certPEM, err := w.ca.IssueDevice(id, k.Public())
+	certPEM, err := ca.IssueDevice(id, k.Public())
 	if err != nil {
-		w.t.Fatal(err)
+		t.Fatal(err)
 	}
 	der, _ := x509.MarshalPKCS8PrivateKey(k)
-	certFile, keyFile := filepath.Join(w.dir, id+".pem"), filepath.Join(w.dir, id+".key")
+	certFile, keyFile := filepath.Join(dir, id+".pem"), filepath.Join(dir, id+".key")
 	os.WriteFile(certFile, certPEM, 0o644)
 	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
-	return []string{"-h", "127.0.0.1", "-p", w.port, "--cafile", filepath.Join(w.dir, "pki", "ca.pem"), "--cert", certFile, "--key", keyFile}
+	return []string{"-h", "127.0.0.1", "-p", port, "--cafile", filepath.Join(dir, "pki", "ca.pem"), "--cert", certFile, "--key", keyFile}
 }
 
 // A device subscribed with mosquitto_sub and its own certificate receives

@@ -3,13 +3,8 @@ package notify
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -40,8 +35,8 @@ type fleet struct {
 	mu      sync.Mutex
 	refused map[string]int // reason -> count
 
-	broker *Broker     // embedded
-	client *Client     // external
+	broker *Broker // embedded
+	client *Client // external
 	mosq   *testenv.Mosquitto
 	up     chan struct{}
 	port   string
@@ -161,19 +156,7 @@ func (f *fleet) notify(ids ...string) error {
 // device writes a device's key and certificate for the mosquitto tools and
 // returns their connection arguments.
 func (f *fleet) device(id string) []string {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	certPEM, err := f.ca.IssueDevice(id, k.Public())
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	der, _ := x509.MarshalPKCS8PrivateKey(k)
-	certFile, keyFile := filepath.Join(f.dir, id+".pem"), filepath.Join(f.dir, id+".key")
-	os.WriteFile(certFile, certPEM, 0o644)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
-	return []string{"-h", "127.0.0.1", "-p", f.port, "--cafile", filepath.Join(f.dir, "pki", "ca.pem"), "--cert", certFile, "--key", keyFile, "-i", id}
+	return append(deviceArgs(f.t, f.ca, f.dir, f.port, id), "-i", id)
 }
 
 // update is what the store holds on a device's update.
@@ -188,25 +171,8 @@ func (f *fleet) update(id string) store.Update {
 
 // sub is a running mosquitto_sub.
 type sub struct {
-	out  syncBuf
+	out  testenv.Buffer
 	done chan error
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func startSub(t *testing.T, args ...string) *sub {
