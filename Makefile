@@ -49,6 +49,7 @@ bench: build
 	-$(GO) run ./bench/checkin -bin $(BIN)
 	-$(GO) run ./bench/coap -bin $(BIN)
 	-$(GO) run ./bench/fleet -bin $(BIN) -devices 10000,50000
+	-$(GO) run ./bench/mqtt -bin $(BIN) -devices 10000
 	$(GO) test -count=1 -timeout 60m -run TestPowerCutCampaign -v ./internal/device/simdev -campaign 10000
 
 clean:
