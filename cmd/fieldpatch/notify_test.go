@@ -73,6 +73,7 @@ func TestRolloutNotifiesOverMQTT(t *testing.T) {
 		if err != nil || topic != notify.NotifyTopic("lock-in") || json.Unmarshal([]byte(body), &n) != nil || n.Kind != "update" {
 			t.Fatalf("lock-in's subscription: %v %q", err, line)
 		}
+		t.Logf("notified %v after the rollout started", took)
 		if took > 5*time.Second {
 			t.Errorf("notified %v after the rollout started, want within seconds", took)
 		}

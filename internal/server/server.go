@@ -129,6 +129,10 @@ type Server struct {
 	// renotify asks notifyRollouts to notify every current cohort again
 	// (the external broker is back after an outage).
 	renotify chan struct{}
+	// changed wakes notifyRollouts at once when a rollout changes (an
+	// operator's command, or the engine moving a phase), instead of at
+	// its next look.
+	changed chan struct{}
 	// CoAP serves the device API over CoAP on DTLS (nil when off).
 	CoAP *coapapi.Server
 	log  *slog.Logger
@@ -211,7 +215,14 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	reg.Counter("fieldpatch_http_requests_total", "HTTP requests by API and status code.", "api", "code")
 	reg.Histogram("fieldpatch_http_request_duration_seconds", "HTTP request latency by API.", metrics.LatencyBuckets, "api")
 	dev := &deviceapi.API{Store: st, Blobs: blobs, Log: lg, PollInterval: c.PollInterval, Metrics: reg, CA: ca, Repo: tuf}
-	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg, Repo: tuf}
+	changed := make(chan struct{}, 1)
+	rolloutChanged := func() {
+		select {
+		case changed <- struct{}{}:
+		default: // a look is already due
+		}
+	}
+	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg, Repo: tuf, RolloutChanged: rolloutChanged}
 	mux := http.NewServeMux()
 	devHandler := dev.Handler() // HTTPS and CoAP share its bounds
 	mux.Handle("/api/v1/", instrument(reg, "device", devHandler))
@@ -238,9 +249,13 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	if tick == 0 {
 		tick = 10 * time.Second
 	}
-	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) { reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind) }}
+	engine := &rollout.Engine{Backend: st, Now: clock, Log: lg, Decided: func(e rollout.Event) {
+		reg.Add("fieldpatch_rollout_decisions_total", 1, e.Kind)
+		rolloutChanged()
+	}}
 	srv := &Server{
 		Store: st, CA: ca, Token: token, Handler: mux, Metrics: reg, log: lg, Engine: engine, tick: tick, Repo: tuf, maxConns: cmp.Or(c.MaxConns, DefaultMaxConns),
+		changed: changed,
 		TLS: &tls.Config{
 			MinVersion:   tls.VersionTLS13, // TLS 1.2 and older are refused
 			Certificates: []tls.Certificate{cert},
@@ -366,6 +381,7 @@ func (s *Server) notifyRollouts(ctx context.Context, n notifier, every time.Dura
 		case <-t.C:
 		case <-s.renotify:
 			clear(seen)
+		case <-s.changed:
 		}
 	}
 }

@@ -62,6 +62,9 @@ type API struct {
 	Token     string // the bootstrap admin token (DATA-DIR/admin.token)
 	Repo      *repo.Repo
 	Log       *slog.Logger
+	// RolloutChanged, if set, hears that an operator created or
+	// controlled a rollout (the server notifies its devices at once).
+	RolloutChanged func()
 }
 
 // Route is one operation of the management API and the least role that may

@@ -36,6 +36,7 @@ func (a *API) createRollout(w http.ResponseWriter, r *http.Request) {
 		a.storeError(w, err)
 		return
 	}
+	a.rolloutChanged()
 	writeJSON(w, http.StatusCreated, ro)
 }
 
@@ -92,6 +93,15 @@ func (a *API) control(action string) http.HandlerFunc {
 			a.storeError(w, err)
 			return
 		}
+		a.rolloutChanged()
 		writeJSON(w, http.StatusOK, ro)
+	}
+}
+
+// rolloutChanged tells whoever listens (the server's notifications) that
+// a rollout was created, started, paused, resumed or aborted.
+func (a *API) rolloutChanged() {
+	if a.RolloutChanged != nil {
+		a.RolloutChanged()
 	}
 }
