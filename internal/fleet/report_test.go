@@ -52,7 +52,8 @@ func TestErrorKinds(t *testing.T) {
 		&link.BusyError{RetryAfter: time.Second}:   BusyKind,
 		&busyError{err: errors.New("x"), retry: 1}: BusyKind,
 		errLinkDown: "offline (simulated)",
-		errors.New("dial tcp: connection refused"):   "connection refused",
+		errors.New("dial tcp: connection refused"): "connection refused",
+		errors.New(`Post "https://127.0.0.1:46227/api/v1/checkin": write tcp 127.1.0.109:36637->127.0.0.1:46227: write: broken pipe`): "broken pipe",
 		errors.New(strings.Repeat("very long ", 20)): strings.Repeat("very long ", 20)[:80],
 	} {
 		if got := errorKind(err); got != want {

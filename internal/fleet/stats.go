@@ -234,6 +234,8 @@ func errorKind(err error) string {
 		return "connection refused"
 	case strings.Contains(msg, "connection reset"):
 		return "connection reset"
+	case strings.Contains(msg, "broken pipe"):
+		return "broken pipe"
 	case strings.Contains(msg, "EOF"):
 		return "EOF"
 	}
