@@ -60,13 +60,7 @@ func run(bin string, kib, runs int) error {
 	}
 	defer os.RemoveAll(dir)
 	fp := filepath.Join(bin, "fieldpatch")
-	cli := func(args ...string) (string, error) {
-		out, err := exec.Command(fp, args...).CombinedOutput()
-		if err != nil {
-			return "", fmt.Errorf("fieldpatch %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-		return string(out), nil
-	}
+	cli := harness.CLI(bin)
 	key := filepath.Join(dir, "release")
 	if _, err := cli("key", "gen", "--out", key); err != nil {
 		return err

@@ -304,13 +304,7 @@ func run(o options) (*result, error) {
 		defer os.RemoveAll(dir)
 	}
 	fp := filepath.Join(o.bin, "fieldpatch")
-	cli := func(args ...string) (string, error) {
-		out, err := exec.Command(fp, args...).CombinedOutput()
-		if err != nil {
-			return "", fmt.Errorf("fieldpatch %s: %v: %s", strings.Join(args, " "), err, out)
-		}
-		return string(out), nil
-	}
+	cli := harness.CLI(o.bin)
 	keys := filepath.Join(dir, "keys")
 	os.MkdirAll(keys, 0o700)
 	if _, err := cli("key", "gen", "--out", filepath.Join(keys, "release")); err != nil {

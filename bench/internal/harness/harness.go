@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -89,4 +91,17 @@ func PinSelf(cpus string) {
 		os.Exit(1)
 	}
 	os.Exit(0)
+}
+
+// CLI runs the fieldpatch binary in dir bin with arguments and returns
+// its output; a failure carries the command and what it printed.
+func CLI(bin string) func(args ...string) (string, error) {
+	fp := filepath.Join(bin, "fieldpatch")
+	return func(args ...string) (string, error) {
+		out, err := exec.Command(fp, args...).CombinedOutput()
+		if err != nil {
+			return "", fmt.Errorf("fieldpatch %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return string(out), nil
+	}
 }
