@@ -101,19 +101,7 @@ func Listen(addr string, c Config) (*Server, error) {
 	if c.Idle <= 0 {
 		c.Idle = 2 * time.Minute
 	}
-	ua, err := net.ResolveUDPAddr("udp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("coap listen %s: %w", addr, err)
-	}
-	// Bind the socket here so the caller learns the port (":0") and a busy
-	// address fails at once.
-	pc, err := net.ListenUDP("udp", ua)
-	if err != nil {
-		return nil, fmt.Errorf("coap listen %s: %w", addr, err)
-	}
-	bound := pc.LocalAddr()
-	pc.Close()
-	ln, err := coapnet.NewDTLSListener("udp", bound.String(), coapnet.NewDTLSServerOptions(
+	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(
 		piondtls.WithCertificates(c.Certificate),
 		piondtls.WithClientCAs(c.ClientCAs),
 		piondtls.WithClientAuth(piondtls.RequireAndVerifyClientCert),
@@ -135,9 +123,9 @@ func Listen(addr string, c Config) (*Server, error) {
 		}),
 	))
 	if err != nil {
-		return nil, fmt.Errorf("coap listen %s: %w", bound, err)
+		return nil, fmt.Errorf("coap listen %s: %w", addr, err)
 	}
-	s := &Server{cfg: c, ln: ln, addr: bound, done: make(chan struct{})}
+	s := &Server{cfg: c, ln: ln, addr: ln.Addr(), done: make(chan struct{})}
 	s.srv = coapdtls.NewServer(
 		options.WithHandlerFunc(s.handle),
 		options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
