@@ -666,56 +666,110 @@ func olderThan(rel Release, st devState) bool {
 }
 
 // start offers a rollout's release to a device for the first time, within
-// the rollout's limits.
+// the rollout's limits. Starts are committed in groups (batch.go), one
+// transaction after another, so the limits hold across them.
 func (s *Store) start(ctx context.Context, lr *liveRollout, deviceID string, newID func() string, now time.Time) (*Update, *Release, bool, error) {
-	s.startMu.Lock()
-	defer s.startMu.Unlock()
-	r := &lr.r
-	var up *Update
-	err := s.writeTx(ctx, func(tx *sql.Tx) error { // a new update only: other devices' cached state stands
-		var state string
-		var phase int
-		if err := tx.QueryRowContext(ctx, `SELECT state, phase FROM rollouts WHERE id = ?`, r.Spec.ID).Scan(&state, &phase); err != nil {
-			return err
-		}
-		if state != rollout.StateActive || phase < r.Phase {
-			return nil // paused or aborted meanwhile
-		}
-		var n int
-		if lim := r.Spec.Limits.StartsPerMinute; lim > 0 {
-			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM updates WHERE rollout_id = ? AND created_at > ?`, r.Spec.ID, now.Unix()-60).Scan(&n); err != nil {
-				return err
-			}
-			if n >= lim {
-				return nil
-			}
-		}
-		if lim := r.Spec.Limits.MaxDownloads; lim > 0 {
-			if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM updates WHERE rollout_id = ? AND retired = 0 AND status IN ('offered', 'downloading') AND updated_at > ?`,
-				r.Spec.ID, now.Add(-staleDownload).Unix()).Scan(&n); err != nil {
-				return err
-			}
-			if n >= lim {
-				return nil
-			}
-		}
-		u := Update{ID: newID(), DeviceID: deviceID, RolloutID: r.Spec.ID, ReleaseID: lr.rel.ID, Status: StatusOffered, UpdatedAt: now}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO updates (id, device_id, rollout_id, release_id, status, phase, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, u.ID, deviceID, r.Spec.ID, lr.rel.ID, u.Status, phase, now.Unix(), now.Unix()); err != nil {
-			if strings.Contains(err.Error(), "UNIQUE") {
-				return nil // the same device started meanwhile (two requests at once): its next check-in gets it
-			}
-			return err
-		}
-		up = &u
-		return nil
-	})
-	s.forget(deviceID)
-	if err != nil || up == nil {
+	req := &startReq{lr: lr, deviceID: deviceID, id: newID(), now: now, done: make(chan startResult, 1)}
+	res, err := submit(ctx, s.quit, s.starts, req, req.done)
+	if err == nil {
+		err = res.err
+	}
+	if err != nil || res.up == nil {
 		return nil, nil, false, err
 	}
 	rel := lr.rel
-	return up, &rel, r.Spec.Downgrade, nil
+	return res.up, &rel, lr.r.Spec.Downgrade, nil
+}
+
+// startReq is one start waiting for the batch loop.
+type startReq struct {
+	lr       *liveRollout
+	deviceID string
+	id       string // the new update's
+	now      time.Time
+	done     chan startResult
+}
+
+// startResult is a start's outcome: up is nil when the rollout may not
+// start the device now (paused meanwhile, a limit reached, or the device
+// started by another request at the same time).
+type startResult struct {
+	up  *Update
+	err error
+}
+
+// commitStarts writes a group of starts in one transaction. Each
+// rollout's state and limits are read once, and each start counts
+// against them.
+func (s *Store) commitStarts(batch []*startReq) {
+	ctx := context.Background()
+	ups := make([]*Update, len(batch))
+	type quota struct {
+		active            bool
+		phase             int
+		starts, downloads int // started in the last minute; downloads in flight
+	}
+	err := s.writeTx(ctx, func(tx *sql.Tx) error { // new updates only: other devices' cached state stands
+		quotas := map[string]*quota{}
+		for i, req := range batch {
+			r, now := &req.lr.r, req.now
+			q := quotas[r.Spec.ID]
+			if q == nil {
+				q = &quota{}
+				quotas[r.Spec.ID] = q
+				var state string
+				if err := tx.QueryRowContext(ctx, `SELECT state, phase FROM rollouts WHERE id = ?`, r.Spec.ID).Scan(&state, &q.phase); err != nil {
+					return err
+				}
+				q.active = state == rollout.StateActive
+				if r.Spec.Limits.StartsPerMinute > 0 {
+					if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM updates WHERE rollout_id = ? AND created_at > ?`,
+						r.Spec.ID, now.Unix()-60).Scan(&q.starts); err != nil {
+						return err
+					}
+				}
+				if r.Spec.Limits.MaxDownloads > 0 {
+					if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM updates WHERE rollout_id = ? AND retired = 0 AND status IN ('offered', 'downloading') AND updated_at > ?`,
+						r.Spec.ID, now.Add(-staleDownload).Unix()).Scan(&q.downloads); err != nil {
+						return err
+					}
+				}
+			}
+			if !q.active || q.phase < r.Phase {
+				continue // paused or aborted meanwhile
+			}
+			if lim := r.Spec.Limits.StartsPerMinute; lim > 0 && q.starts >= lim {
+				continue
+			}
+			if lim := r.Spec.Limits.MaxDownloads; lim > 0 && q.downloads >= lim {
+				continue
+			}
+			u := Update{ID: req.id, DeviceID: req.deviceID, RolloutID: r.Spec.ID, ReleaseID: req.lr.rel.ID, Status: StatusOffered, UpdatedAt: now}
+			// A live attempt at the release exists already when the same
+			// device started meanwhile (two requests at once): its next
+			// check-in gets it.
+			res, err := tx.ExecContext(ctx, `INSERT INTO updates (id, device_id, rollout_id, release_id, status, phase, created_at, updated_at)
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`, u.ID, u.DeviceID, u.RolloutID, u.ReleaseID, u.Status, q.phase, now.Unix(), now.Unix())
+			if err != nil {
+				return err
+			}
+			if n, _ := res.RowsAffected(); n == 0 {
+				continue
+			}
+			q.starts++
+			q.downloads++
+			ups[i] = &u
+		}
+		return nil
+	})
+	for i, req := range batch {
+		s.forget(req.deviceID)
+		if err != nil {
+			req.done <- startResult{err: err}
+		} else {
+			req.done <- startResult{up: ups[i]}
+		}
+	}
 }
 
 // RolloutStatus is a rollout and how far it got.

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -795,4 +797,69 @@ func TestBriefVersionKeepsTheOldRate(t *testing.T) {
 	if h.Misbehaving != 1 {
 		t.Fatalf("two resets in an hour, against one in ten hours before: %+v", h)
 	}
+}
+
+// Starts that arrive together are committed together, and the rollout's
+// limits still hold across the group: 300 devices ask at once under a
+// limit of 40 downloads, with a slow disk (each commit waits 20 ms).
+// Exactly 40 start, each once, in far fewer transactions than starts; a
+// device asking twice at once starts once.
+func TestConcurrentStartsAreGroupCommitted(t *testing.T) {
+	f := newFleet(t, 300)
+	f.create(`{"id": "ro", "release": "r2", "target": {"all": true}, "limits": {"max_downloads": 40}}`)
+	var commits atomic.Int64
+	f.s.BeforeCommit = func() error {
+		commits.Add(1)
+		time.Sleep(20 * time.Millisecond)
+		return nil
+	}
+	var n atomic.Int64
+	next := func() string { return fmt.Sprintf("c%d", n.Add(1)) }
+	var mu sync.Mutex
+	started := map[string]int{}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*len(f.ids))
+	for _, id := range f.ids {
+		asks := 1
+		if id == "lock-007" {
+			asks = 2 // one device asks twice at once
+		}
+		for range asks {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				u, _, _, err := f.s.Offer(f.ctx, id, next)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if u != nil {
+					mu.Lock()
+					started[id]++
+					mu.Unlock()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	for id, k := range started {
+		if k != 1 {
+			t.Errorf("%s started %d times", id, k)
+		}
+	}
+	var rows int
+	if err := f.s.db.QueryRow(`SELECT count(*) FROM updates WHERE rollout_id = 'ro'`).Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if len(started) != 40 || rows != 40 {
+		t.Fatalf("%d devices started, %d updates stored; the limit is 40", len(started), rows)
+	}
+	if c := commits.Load(); c > 30 {
+		t.Fatalf("%d transactions for %d offers asked at once: starts are not grouped", c, len(f.ids)+1)
+	}
+	t.Logf("301 asks, 40 starts, %d transactions", commits.Load())
 }

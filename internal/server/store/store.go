@@ -42,11 +42,11 @@ type Store struct {
 	BeforeReportCommit func(status string) error
 
 	checkins chan *checkinReq
+	starts   chan *startReq
 	quit     chan struct{}
 	prepared sync.Map      // query text -> *sql.Stmt, for the device API's hot path
 	gen      atomic.Uint64 // bumped by every committed write but the device path's
 	local    atomic.Uint64 // bumped whenever one device's cached state is dropped
-	startMu  sync.Mutex    // serialises starting devices, so rollout limits hold
 	live     liveCache     // active and paused rollouts, for offers
 	zones    rollout.Zones
 	cacheMu  sync.Mutex
@@ -253,7 +253,7 @@ func Open(ctx context.Context, path string) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	s.startBatcher()
+	s.startBatchers()
 	return s, nil
 }
 
@@ -616,26 +616,11 @@ func (s *Store) CheckIn(ctx context.Context, id string, c proto.CheckIn) error {
 		}
 	}
 	req := &checkinReq{id: id, c: c, key: string(key), at: now.Unix(), done: make(chan error, 1)}
-	select {
-	case <-s.quit:
-		return errors.New("the store is closed")
-	default:
+	err, serr := submit(ctx, s.quit, s.checkins, req, req.done)
+	if serr != nil {
+		return serr
 	}
-	select {
-	case s.checkins <- req:
-	case <-s.quit:
-		return errors.New("the store is closed")
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	select {
-	case err := <-req.done:
-		return err
-	case <-s.quit: // closed before the batcher took it
-		return errors.New("the store is closed")
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return err
 }
 
 // checkinReq is one check-in waiting for the batcher.
@@ -653,38 +638,15 @@ type seenState struct {
 	at  int64
 }
 
-// startBatcher starts the goroutine that commits check-ins in groups:
-// while one transaction commits, the check-ins that arrive meanwhile queue
-// up and go into the next one, so under load one fsync carries many
-// check-ins and an idle server adds no delay. Each caller still returns
-// only once its check-in is committed.
-func (s *Store) startBatcher() {
+// startBatchers starts the goroutines that commit check-ins and starts in
+// groups (batch.go).
+func (s *Store) startBatchers() {
 	s.checkins = make(chan *checkinReq, 1024)
+	s.starts = make(chan *startReq, 1024)
 	s.quit = make(chan struct{})
-	go func() {
-		batch := make([]*checkinReq, 0, maxCheckinBatch)
-		for {
-			select {
-			case <-s.quit:
-				return
-			case first := <-s.checkins:
-				batch = append(batch[:0], first)
-			}
-		drain:
-			for len(batch) < maxCheckinBatch {
-				select {
-				case r := <-s.checkins:
-					batch = append(batch, r)
-				default:
-					break drain
-				}
-			}
-			s.commitCheckins(batch)
-		}
-	}()
+	go batchLoop(s.quit, s.checkins, s.commitCheckins)
+	go batchLoop(s.quit, s.starts, s.commitStarts)
 }
-
-const maxCheckinBatch = 256
 
 // Health baselines. A device's version starts a baseline (base_at, and
 // the counters then); the counters it reports later, minus the baseline,
