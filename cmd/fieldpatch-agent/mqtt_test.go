@@ -78,8 +78,8 @@ func listening(t *testing.T, d *fileDevice, broker string) {
 // With Mosquitto in place of the embedded broker, an agent whose poll
 // interval is an hour updates within seconds of a rollout starting: the
 // server, connected to Mosquitto with its own certificate, notifies it
-// there. Its progress reports went over MQTT, acknowledged; its outcome
-// over HTTPS.
+// there. The check-in that follows and its progress reports went over
+// MQTT, answered there; its outcome over HTTPS.
 func TestOnlineExternalMosquittoWakesAgent(t *testing.T) {
 	agentBin := agentBinary(t)
 	srv, mosq := externalServer(t, "--rollout-tick=200ms", "--poll-interval=1h")
@@ -103,6 +103,9 @@ func TestOnlineExternalMosquittoWakesAgent(t *testing.T) {
 	}
 	if n := srv.metric("fieldpatch_notifications_total"); n < 1 {
 		t.Errorf("%v notifications sent", n)
+	}
+	if n := srv.metric(`fieldpatch_http_requests_total{api="mqtt",code="200"}`); n < 1 {
+		t.Errorf("%v check-ins answered over MQTT, want at least 1", n)
 	}
 }
 

@@ -524,6 +524,11 @@ func TestOnlineMQTTWakesAgent(t *testing.T) {
 	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("committed %v after the rollout started", took)
 	}
+	// The check-in the notification prompted went over MQTT, answered by
+	// the device API in process.
+	if n := srv.metric(`fieldpatch_http_requests_total{api="mqtt",code="200"}`); n < 1 {
+		t.Errorf("%v check-ins answered over MQTT, want at least 1", n)
+	}
 }
 
 // Two agents that speak CoAP over DTLS instead of HTTPS, one with its

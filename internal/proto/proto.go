@@ -156,6 +156,25 @@ type ReportAck struct {
 	Stored   bool   `json:"stored"`
 }
 
+// MQTTCheckIn is a check-in a device publishes on its MQTT topic
+// fp/dev/ID/checkin while its session is up: the check-in's fields as
+// over HTTPS, and an ID the answer carries back.
+type MQTTCheckIn struct {
+	RequestID string `json:"request_id"`
+	CheckIn
+}
+
+// MQTTAnswer is the server's answer to an MQTT check-in, on
+// fp/dev/ID/answer: the HTTP status the device API gave, its body (a
+// CheckInResponse when Status is 200, an Error otherwise), and for 503
+// the seconds to wait.
+type MQTTAnswer struct {
+	RequestID  string          `json:"request_id"`
+	Status     int             `json:"status"`
+	RetryAfter int             `json:"retry_after,omitempty"`
+	Body       json.RawMessage `json:"body,omitempty"`
+}
+
 // EnrollRequest asks for a device certificate: with a fleet enrollment
 // token it is issued at once; without one the device waits, asking again,
 // until an operator approves it.

@@ -224,7 +224,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	}
 	mgmt := &mgmtapi.API{Store: st, Blobs: blobs, CA: ca, ImageKeys: keys, Token: token, Log: lg, Repo: tuf, RolloutChanged: rolloutChanged}
 	mux := http.NewServeMux()
-	devHandler := dev.Handler() // HTTPS and CoAP share its bounds
+	devHandler := dev.Handler() // HTTPS, CoAP and MQTT check-ins share its bounds
 	mux.Handle("/api/v1/", instrument(reg, "device", devHandler))
 	mux.Handle("/api/mgmt/v1/", instrument(reg, "management", mgmt.Handler()))
 	mux.Handle("GET "+mgmtapi.PathOpenAPI, mgmt.Handler())
@@ -264,7 +264,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
 	}
-	if err := srv.setUpMQTT(c, reg); err != nil {
+	if err := srv.setUpMQTT(c, reg, instrument(reg, "mqtt", devHandler)); err != nil {
 		st.Close()
 		return nil, err
 	}
@@ -403,11 +403,13 @@ func (s *Server) notifier() notifier {
 }
 
 // setUpMQTT makes the embedded broker or the client of an external one,
-// both taking the status reports devices publish.
-func (s *Server) setUpMQTT(c Config, reg *metrics.Registry) error {
+// both taking the status reports devices publish and answering their
+// check-ins with devAPI, the device API's handler.
+func (s *Server) setUpMQTT(c Config, reg *metrics.Registry, devAPI http.Handler) error {
 	reg.Counter("fieldpatch_notifications_dropped_total", "Device notifications not sent because the external MQTT broker was down (those devices poll, and are notified again once it is back).")
 	reg.Counter("fieldpatch_mqtt_reports_total", "Status reports received over MQTT and stored.")
 	reg.Counter("fieldpatch_mqtt_rejected_total", "Status reports over MQTT refused (nothing stored), by reason.", "reason")
+	reg.Counter("fieldpatch_mqtt_checkins_rejected_total", "Check-ins over MQTT dropped or answered before reaching the device API, by reason.", "reason")
 	reg.Counter("fieldpatch_mqtt_broker_connects_total", "Connections made to the external MQTT broker.")
 	reg.Counter("fieldpatch_mqtt_broker_disconnects_total", "Connections to the external MQTT broker lost.")
 	allowed := func(id string) bool { return s.Store.Active(context.Background(), id) == nil }
@@ -422,16 +424,18 @@ func (s *Server) setUpMQTT(c Config, reg *metrics.Registry) error {
 		Refused: func(reason string) { reg.Add("fieldpatch_mqtt_rejected_total", 1, reason) },
 		Log:     s.log,
 	}
+	checkIns := &notify.CheckIns{Handler: devAPI, Log: s.log,
+		Refused: func(reason string) { reg.Add("fieldpatch_mqtt_checkins_rejected_total", 1, reason) }}
 	switch {
 	case c.MQTTListen != "":
-		b, err := notify.Listen(c.MQTTListen, notify.Config{TLS: s.TLS, Log: s.log, Allowed: allowed, Reports: reports})
+		b, err := notify.Listen(c.MQTTListen, notify.Config{TLS: s.TLS, Log: s.log, Allowed: allowed, Reports: reports, CheckIns: checkIns})
 		if err != nil {
 			return err
 		}
 		s.Broker = b
 	case c.MQTTBroker != "":
 		s.renotify = make(chan struct{}, 1)
-		cl, err := notify.NewClient(notify.ClientConfig{Broker: c.MQTTBroker, CA: s.CA, Reports: reports, Log: s.log,
+		cl, err := notify.NewClient(notify.ClientConfig{Broker: c.MQTTBroker, CA: s.CA, Reports: reports, CheckIns: checkIns, Log: s.log,
 			Up: func() {
 				reg.Add("fieldpatch_mqtt_broker_connects_total", 1)
 				select {

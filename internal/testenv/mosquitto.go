@@ -17,12 +17,14 @@ import (
 // MosquittoACL is the access list the docs give for Mosquitto as the
 // external broker: the server (its certificate names "fieldpatch:server")
 // reads and writes every device's topics; a device, named by its
-// certificate's CN, reads its own and writes only its status.
+// certificate's CN, reads its own and writes only its status reports and
+// check-ins.
 const MosquittoACL = `user fieldpatch:server
 topic readwrite fp/dev/#
 
 pattern read fp/dev/%u/#
 pattern write fp/dev/%u/status
+pattern write fp/dev/%u/checkin
 `
 
 // Mosquitto is a real Mosquitto broker run for a test on a free loopback

@@ -2,8 +2,10 @@ package link
 
 import (
 	"context"
+	crand "crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,12 +31,20 @@ func (l *Link) StatusTopic() string { return "fp/dev/" + l.Bundle.DeviceID + "/s
 // AckTopic is where the server acknowledges them.
 func (l *Link) AckTopic() string { return "fp/dev/" + l.Bundle.DeviceID + "/ack" }
 
+// CheckInTopic is where this device publishes the check-in that answers a
+// notification.
+func (l *Link) CheckInTopic() string { return "fp/dev/" + l.Bundle.DeviceID + "/checkin" }
+
+// AnswerTopic is where the server answers it.
+func (l *Link) AnswerTopic() string { return "fp/dev/" + l.Bundle.DeviceID + "/answer" }
+
 // MQTT timings: how long a status report waits for the server's
 // acknowledgement before it goes over HTTPS instead, and over how long a
 // fleet that reconnects at once (the broker restarted) spreads the
 // check-ins that follow.
 const (
 	mqttAckTimeout      = 5 * time.Second
+	mqttAnswerTimeout   = 10 * time.Second
 	mqttReconnectSpread = 5 * time.Second
 )
 
@@ -57,9 +67,12 @@ type MQTT struct {
 	// reports go straight over HTTPS.
 	silent atomic.Bool
 	conns  atomic.Int64
+	// notified is set by a notification and taken by the check-in it
+	// prompts, which goes over MQTT.
+	notified atomic.Bool
 
-	mu   sync.Mutex
-	acks map[string]chan bool // report ID -> its waiter
+	mu      sync.Mutex
+	waiters map[string]chan []byte // "ack:" + report ID or "answer:" + request ID -> its waiter
 }
 
 // DialMQTT starts a session with the broker at mqtts://HOST:PORT with the
@@ -87,8 +100,8 @@ func (l *Link) DialMQTT(broker string, wake func()) (*MQTT, error) {
 	tc := l.tlsConfig.Clone()
 	tc.NextProtos = nil
 	tc.VerifyConnection = func(cs tls.ConnectionState) error { return l.verifyServer(cs, pool, host) }
-	m := &MQTT{l: l, host: u.Host, acks: map[string]chan bool{}}
-	notify, ack := l.NotifyTopic(), l.AckTopic()
+	m := &MQTT{l: l, host: u.Host, waiters: map[string]chan []byte{}}
+	notify, ack, answer := l.NotifyTopic(), l.AckTopic(), l.AnswerTopic()
 	opts := mqtt.NewClientOptions().
 		AddBroker("tls://" + u.Host).
 		SetClientID(l.Bundle.DeviceID).
@@ -105,14 +118,24 @@ func (l *Link) DialMQTT(broker string, wake func()) (*MQTT, error) {
 			// Subscribed anew on every connection (a clean session
 			// forgets it). Runs on a goroutine of its own.
 			handler := func(_ mqtt.Client, msg mqtt.Message) {
-				if msg.Topic() == ack {
-					m.acked(msg.Payload())
-				} else {
+				switch msg.Topic() {
+				case ack:
+					var a proto.ReportAck
+					if json.Unmarshal(msg.Payload(), &a) == nil && a.ReportID != "" {
+						m.deliver("ack:"+a.ReportID, msg.Payload())
+					}
+				case answer:
+					var a proto.MQTTAnswer
+					if json.Unmarshal(msg.Payload(), &a) == nil && a.RequestID != "" {
+						m.deliver("answer:"+a.RequestID, msg.Payload())
+					}
+				default:
+					m.notified.Store(true)
 					wake()
 				}
 			}
 			for try := 0; ; try++ {
-				tok := c.SubscribeMultiple(map[string]byte{notify: 1, ack: 1}, handler)
+				tok := c.SubscribeMultiple(map[string]byte{notify: 1, ack: 1, answer: 1}, handler)
 				if tok.WaitTimeout(15*time.Second) && tok.Error() == nil && subscribed(tok) {
 					break
 				}
@@ -164,20 +187,49 @@ func (m *MQTT) Close() {
 // Connected says whether the session is up and subscribed.
 func (m *MQTT) Connected() bool { return m.ready.Load() && m.c.IsConnectionOpen() }
 
-// acked hands the server's acknowledgement to the report waiting for it.
-func (m *MQTT) acked(payload []byte) {
-	var a proto.ReportAck
-	if json.Unmarshal(payload, &a) != nil || a.ReportID == "" {
-		return
-	}
+// deliver hands a message to whoever waits for key.
+func (m *MQTT) deliver(key string, payload []byte) {
 	m.mu.Lock()
-	ch := m.acks[a.ReportID]
+	ch := m.waiters[key]
 	m.mu.Unlock()
 	if ch != nil {
 		select {
-		case ch <- a.Stored:
+		case ch <- payload:
 		default:
 		}
+	}
+}
+
+// request publishes payload on topic (QoS 1) and waits up to timeout for
+// the message delivered under key. On a timeout the session turns silent:
+// the server does not answer over MQTT (an older one), so until the next
+// connection everything goes straight over HTTPS.
+func (m *MQTT) request(ctx context.Context, topic, key string, payload []byte, timeout time.Duration) ([]byte, error) {
+	if !m.Connected() || m.silent.Load() {
+		return nil, ErrMQTTDown
+	}
+	ch := make(chan []byte, 1)
+	m.mu.Lock()
+	m.waiters[key] = ch
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		if m.waiters[key] == ch {
+			delete(m.waiters, key)
+		}
+		m.mu.Unlock()
+	}()
+	m.c.Publish(topic, 1, false, payload)
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case b := <-ch:
+		return b, nil
+	case <-t.C:
+		m.silent.Store(true)
+		return nil, fmt.Errorf("mqtt: no answer within %v (going over HTTPS until the next connection)", timeout)
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }
 
@@ -188,38 +240,55 @@ func (m *MQTT) acked(payload []byte) {
 // caller then sends it over HTTPS (the same report ID, so a report that
 // was stored after all is not stored twice).
 func (m *MQTT) Report(ctx context.Context, r proto.Report) error {
-	if !m.Connected() || m.silent.Load() {
-		return ErrMQTTDown
-	}
 	body, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	ch := make(chan bool, 1)
-	m.mu.Lock()
-	m.acks[r.ReportID] = ch
-	m.mu.Unlock()
-	defer func() {
-		m.mu.Lock()
-		if m.acks[r.ReportID] == ch {
-			delete(m.acks, r.ReportID)
+	b, err := m.request(ctx, m.l.StatusTopic(), "ack:"+r.ReportID, body, mqttAckTimeout)
+	if err != nil {
+		return err
+	}
+	var a proto.ReportAck
+	if json.Unmarshal(b, &a) != nil || !a.Stored {
+		return errors.New("mqtt: the server refused the report")
+	}
+	return nil
+}
+
+// CheckIn publishes a check-in and waits for the server's answer, which is
+// the device API's: an offer, or a 503 (a *BusyError, with the wait the
+// server asked for). It fails when the session is down, when no answer
+// comes in time, and for any other answer: the caller then checks in over
+// HTTPS.
+func (m *MQTT) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResponse, error) {
+	var id [12]byte
+	crand.Read(id[:])
+	req := proto.MQTTCheckIn{RequestID: hex.EncodeToString(id[:]), CheckIn: c}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	b, err := m.request(ctx, m.l.CheckInTopic(), "answer:"+req.RequestID, body, mqttAnswerTimeout)
+	if err != nil {
+		return nil, err
+	}
+	var a proto.MQTTAnswer
+	if err := json.Unmarshal(b, &a); err != nil {
+		return nil, fmt.Errorf("mqtt: check-in answer: %w", err)
+	}
+	switch a.Status {
+	case 200:
+		var resp proto.CheckInResponse
+		if err := json.Unmarshal(a.Body, &resp); err != nil {
+			return nil, fmt.Errorf("mqtt: check-in answer: %w", err)
 		}
-		m.mu.Unlock()
-	}()
-	m.c.Publish(m.l.StatusTopic(), 1, false, body)
-	t := time.NewTimer(mqttAckTimeout)
-	defer t.Stop()
-	select {
-	case stored := <-ch:
-		if !stored {
-			return errors.New("mqtt: the server refused the report")
-		}
-		return nil
-	case <-t.C:
-		m.silent.Store(true)
-		return errors.New("mqtt: the report was not acknowledged (reports go over HTTPS until the next connection)")
-	case <-ctx.Done():
-		return ctx.Err()
+		return &resp, nil
+	case 503:
+		return nil, &BusyError{RetryAfter: time.Duration(max(a.RetryAfter, 1)) * time.Second}
+	default:
+		var pe proto.Error
+		json.Unmarshal(a.Body, &pe)
+		return nil, fmt.Errorf("mqtt: check-in answered %d: %s", a.Status, pe.Error)
 	}
 }
 
@@ -243,15 +312,35 @@ type Server interface {
 	URL(path string) string
 }
 
-// WithMQTT is a link with progress reports over MQTT: while the session
-// is up, a report that does not end an update (downloading, installing,
-// rebooting) goes to the broker and counts once the server acknowledges
-// it there. Everything else goes over the link as always: outcomes (so
-// the agent's resend-until-acknowledged rule works exactly as without
-// MQTT), and any report the broker did not carry to an acknowledgement.
+// WithMQTT is a link that uses its MQTT session while it is up for two
+// things. The check-in that answers a notification goes to the broker, so
+// a fleet notified at once does not make a TLS handshake and an HTTPS
+// exchange each. A report that does not end an update (downloading,
+// installing, rebooting) goes there too and counts once the server
+// acknowledges it. Everything else goes over the link as always: timed
+// polls (which keep the trusted clock and certificate renewal on their
+// HTTPS path), outcomes (so the agent's resend-until-acknowledged rule
+// works exactly as without MQTT), and whatever the broker did not carry
+// to an answer.
 type WithMQTT struct {
 	Server
 	MQTT *MQTT
+}
+
+// CheckIn checks in: over MQTT when a notification prompted it and the
+// session is up, otherwise (or when MQTT fails) over the link.
+func (w WithMQTT) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResponse, error) {
+	if w.MQTT != nil && w.MQTT.notified.Swap(false) {
+		resp, err := w.MQTT.CheckIn(ctx, c)
+		var busy *BusyError
+		if err == nil || errors.As(err, &busy) || ctx.Err() != nil {
+			return resp, err
+		}
+		if !errors.Is(err, ErrMQTTDown) {
+			w.MQTT.l.logf("%v: checking in over HTTPS", err)
+		}
+	}
+	return w.Server.CheckIn(ctx, c)
 }
 
 // Report sends a status report; it succeeds only when the server says the

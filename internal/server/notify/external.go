@@ -63,7 +63,11 @@ type ClientConfig struct {
 	// keeps to the device its certificate names) and acknowledges them on
 	// fp/dev/ID/ack.
 	Reports *Reports
-	Log     *slog.Logger
+	// CheckIns, if set, answers the check-ins devices publish on
+	// fp/dev/ID/checkin (ID from the topic, as for reports) on
+	// fp/dev/ID/answer.
+	CheckIns *CheckIns
+	Log      *slog.Logger
 	// Up hears of every connection made (after which devices missed
 	// notifications while it was down); Down of every one lost.
 	Up   func()
@@ -74,13 +78,14 @@ type ClientConfig struct {
 }
 
 // Client is the server's connection to an external MQTT broker: it
-// publishes notifications and takes status reports there, and connects
+// publishes notifications and takes status reports and check-ins there, and connects
 // again by itself whenever the connection is lost.
 type Client struct {
 	c      ClientConfig
 	cl     paho.Client
 	host   string
 	status *statusQueue
+	checks *checkInQueue
 	once   sync.Once
 }
 
@@ -134,12 +139,17 @@ func NewClient(c ClientConfig) (*Client, error) {
 			}
 		})
 	cli.cl = paho.NewClient(opts)
+	// Answers are not waited for: without one, the device falls back to HTTPS.
+	publish := func(topic string, payload []byte) {
+		if cli.cl.IsConnectionOpen() {
+			cli.cl.Publish(topic, 1, false, payload)
+		}
+	}
 	if c.Reports != nil {
-		cli.status = newStatusQueue(c.Reports, func(deviceID string, ack []byte) {
-			if cli.cl.IsConnectionOpen() {
-				cli.cl.Publish(AckTopic(deviceID), 1, false, ack) // not waited for: the device falls back to HTTPS without it
-			}
-		})
+		cli.status = newStatusQueue(c.Reports, func(id string, ack []byte) { publish(AckTopic(id), ack) })
+	}
+	if c.CheckIns != nil {
+		cli.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { publish(AnswerTopic(id), a) })
 	}
 	return cli, nil
 }
@@ -148,22 +158,17 @@ func NewClient(c ClientConfig) (*Client, error) {
 // clean) and says the broker is up.
 func (cli *Client) connected(c paho.Client) {
 	cli.c.Log.Info("mqtt: connected to the broker", "broker", cli.host, "identity", ServerIdentity)
+	// The broker's ACL lets a device publish only below its own prefix
+	// (pattern fp/dev/%u/...), so the topic names the device.
 	if cli.status != nil {
-		tok := c.Subscribe(StatusFilter, 1, func(_ paho.Client, m paho.Message) {
-			// The broker's ACL lets a device publish only below its own
-			// prefix (pattern fp/dev/%u/...), so the topic names it.
-			id := DeviceFromTopic(m.Topic())
-			if id == "" {
-				cli.status.refused("", "", refuse(RefusedTopic, fmt.Errorf("published on %s", m.Topic())))
-				return
-			}
-			cli.status.offer(id, m.Payload())
+		cli.subscribe(c, StatusFilter, "status", cli.status.offer, func(topic string) {
+			cli.status.refused("", "", refuse(RefusedTopic, fmt.Errorf("published on %s", topic)))
 		})
-		go func() { // not waited for here: this runs on the client's own goroutine
-			if tok.WaitTimeout(10*time.Second) && tok.Error() != nil {
-				cli.c.Log.Error("mqtt: subscribing to device status reports", "filter", StatusFilter, "err", tok.Error())
-			}
-		}()
+	}
+	if cli.checks != nil {
+		cli.subscribe(c, CheckInFilter, "checkin", cli.checks.offer, func(topic string) {
+			cli.checks.refuse("", "", RefusedTopic, 0, "published on "+topic)
+		})
 	}
 	if cli.c.Up != nil {
 		cli.c.Up()
@@ -220,12 +225,34 @@ func (cli *Client) Notify(kind string, deviceIDs ...string) error {
 	return errors.Join(errs...)
 }
 
-// Close disconnects, after storing the status reports already taken.
+// subscribe takes what devices publish on filter (fp/dev/+/LEAF) and
+// hands it to take with the device the topic names.
+func (cli *Client) subscribe(c paho.Client, filter, leaf string, take func(id string, payload []byte), wrongTopic func(topic string)) {
+	tok := c.Subscribe(filter, 1, func(_ paho.Client, m paho.Message) {
+		id := DeviceFromTopic(m.Topic(), leaf)
+		if id == "" {
+			wrongTopic(m.Topic())
+			return
+		}
+		take(id, m.Payload())
+	})
+	go func() { // not waited for here: this runs on the client's own goroutine
+		if tok.WaitTimeout(10*time.Second) && tok.Error() != nil {
+			cli.c.Log.Error("mqtt: subscribing to what devices publish", "filter", filter, "err", tok.Error())
+		}
+	}()
+}
+
+// Close disconnects, after storing the status reports and answering the
+// check-ins already taken.
 func (cli *Client) Close() error {
 	cli.once.Do(func() {
 		cli.cl.Disconnect(250)
 		if cli.status != nil {
 			cli.status.close()
+		}
+		if cli.checks != nil {
+			cli.checks.close()
 		}
 	})
 	return nil

@@ -2,11 +2,13 @@
 // (mochi-mqtt), or its client of an external broker (Mosquitto) for larger
 // fleets. Devices connect over TLS 1.3 with the same client certificates as
 // the device API, each may read only below its own topic prefix
-// (fp/dev/ID/) and publish only its status reports (fp/dev/ID/status).
-// The server publishes "update available" on fp/dev/ID/notify so that a
-// device checks in within a second instead of at its next poll, and takes
-// the status reports devices publish: checked as strictly as over HTTPS,
-// stored, and acknowledged on fp/dev/ID/ack.
+// (fp/dev/ID/) and publish only its status reports (fp/dev/ID/status) and
+// check-ins (fp/dev/ID/checkin). The server publishes "update available"
+// on fp/dev/ID/notify so that a device checks in within a second instead
+// of at its next poll; it takes the status reports devices publish
+// (checked as strictly as over HTTPS, stored, and acknowledged on
+// fp/dev/ID/ack) and answers their check-ins on fp/dev/ID/answer with the
+// device API itself.
 package notify
 
 import (
@@ -62,6 +64,9 @@ type Config struct {
 	// fp/dev/ID/status (ID being the device the connection's certificate
 	// names) and acknowledges them on fp/dev/ID/ack.
 	Reports *Reports
+	// CheckIns, if set, answers the check-ins devices publish on
+	// fp/dev/ID/checkin, on fp/dev/ID/answer.
+	CheckIns *CheckIns
 }
 
 // Broker is the embedded MQTT broker.
@@ -70,7 +75,8 @@ type Broker struct {
 	ln     net.Listener
 	log    *slog.Logger
 	once   sync.Once
-	status *statusQueue // nil without Config.Reports
+	status *statusQueue  // nil without Config.Reports
+	checks *checkInQueue // nil without Config.CheckIns
 }
 
 // Listen makes a broker on addr (not yet serving).
@@ -123,7 +129,7 @@ func Listen(addr string, c Config) (*Broker, error) {
 		// device its certificate names, and the ACL kept it to its own
 		// topic.
 		err := srv.Subscribe(StatusFilter, 1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
-			if id := DeviceFromTopic(pk.TopicName); id == "" || id != pk.Origin {
+			if id := DeviceFromTopic(pk.TopicName, "status"); id == "" || id != pk.Origin {
 				b.status.refused(pk.Origin, "", refuse(RefusedTopic, fmt.Errorf("%s published on %s", pk.Origin, pk.TopicName)))
 				return
 			}
@@ -131,6 +137,24 @@ func Listen(addr string, c Config) (*Broker, error) {
 		})
 		if err != nil {
 			b.status.close()
+			raw.Close()
+			return nil, err
+		}
+	}
+	if c.CheckIns != nil {
+		b.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { srv.Publish(AnswerTopic(id), a, false, 1) })
+		err := srv.Subscribe(CheckInFilter, 2, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+			if id := DeviceFromTopic(pk.TopicName, "checkin"); id == "" || id != pk.Origin {
+				b.checks.refuse(pk.Origin, "", RefusedTopic, 0, fmt.Sprintf("%s published on %s", pk.Origin, pk.TopicName))
+				return
+			}
+			b.checks.offer(pk.Origin, pk.Payload)
+		})
+		if err != nil {
+			b.checks.close()
+			if b.status != nil {
+				b.status.close()
+			}
 			raw.Close()
 			return nil, err
 		}
@@ -152,6 +176,9 @@ func (b *Broker) Close() error {
 		err = b.srv.Close()
 		if b.status != nil {
 			b.status.close()
+		}
+		if b.checks != nil {
+			b.checks.close()
 		}
 	})
 	return err
@@ -221,7 +248,7 @@ func (h *deviceHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) b
 
 // OnACLCheck: a device reads only below fp/dev/ID/ (which also refuses
 // wildcards above it and shared subscriptions) and writes only its status
-// topic, fp/dev/ID/status.
+// and check-in topics, fp/dev/ID/status and fp/dev/ID/checkin.
 func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	if cl.Net.Inline {
 		return true
@@ -231,7 +258,7 @@ func (h *deviceHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool 
 		return false
 	}
 	if write {
-		return topic == StatusTopic(id)
+		return topic == StatusTopic(id) || topic == CheckInTopic(id)
 	}
 	return strings.HasPrefix(topic, TopicPrefix+id+"/")
 }

@@ -131,31 +131,82 @@ func (rs *Reports) log() *slog.Logger {
 	return rs.Log
 }
 
-// DeviceFromTopic is the device ID in fp/dev/ID/status ("" for any
-// other topic).
-func DeviceFromTopic(topic string) string {
+// DeviceFromTopic is the device ID in fp/dev/ID/LEAF ("" for any other
+// topic).
+func DeviceFromTopic(topic, leaf string) string {
 	rest, ok := strings.CutPrefix(topic, TopicPrefix)
 	if !ok {
 		return ""
 	}
-	id, ok := strings.CutSuffix(rest, "/status")
+	id, ok := strings.CutSuffix(rest, "/"+leaf)
 	if !ok || proto.ValidID("device", id) != nil {
 		return ""
 	}
 	return id
 }
 
-// statusQueue stores status reports on a few workers, so a broker's
-// network loop never waits for the database; when it is full a report is
-// refused (unacknowledged: the device sends it over HTTPS).
-type statusQueue struct {
-	rs   *Reports
-	ack  func(deviceID string, payload []byte)
-	in   chan statusMsg
+// queue hands what devices publish to a few workers, so a broker's
+// network loop never waits for the database. put never blocks.
+type queue[T any] struct {
+	in   chan T
 	wg   sync.WaitGroup
 	once sync.Once
-	mu   sync.RWMutex // held for reading while offering, for writing to close
+	mu   sync.RWMutex // held for reading while putting, for writing to close
 	done bool
+}
+
+// Errors of queue.put.
+var (
+	errQueueFull   = errors.New("queue full")
+	errQueueClosed = errors.New("queue closed")
+)
+
+func newQueue[T any](depth, workers int, handle func(T)) *queue[T] {
+	q := &queue[T]{in: make(chan T, depth)}
+	for range workers {
+		q.wg.Add(1)
+		go func() {
+			defer q.wg.Done()
+			for m := range q.in {
+				handle(m)
+			}
+		}()
+	}
+	return q
+}
+
+// put queues m, or says the queue is full or closed.
+func (q *queue[T]) put(m T) error {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	if q.done {
+		return errQueueClosed
+	}
+	select {
+	case q.in <- m:
+		return nil
+	default:
+		return errQueueFull
+	}
+}
+
+// close stops taking messages and waits for those queued to be handled.
+func (q *queue[T]) close() {
+	q.once.Do(func() {
+		q.mu.Lock()
+		q.done = true
+		close(q.in)
+		q.mu.Unlock()
+		q.wg.Wait()
+	})
+}
+
+// statusQueue stores status reports; when its queue is full a report is
+// refused (unacknowledged: the device sends it over HTTPS).
+type statusQueue struct {
+	rs  *Reports
+	ack func(deviceID string, payload []byte)
+	q   *queue[statusMsg]
 }
 
 type statusMsg struct {
@@ -172,46 +223,33 @@ const (
 )
 
 func newStatusQueue(rs *Reports, ack func(deviceID string, payload []byte)) *statusQueue {
-	q := &statusQueue{rs: rs, ack: ack, in: make(chan statusMsg, statusQueueDepth)}
-	for range statusWorkers {
-		q.wg.Add(1)
-		go q.work()
-	}
-	return q
+	sq := &statusQueue{rs: rs, ack: ack}
+	sq.q = newQueue(statusQueueDepth, statusWorkers, sq.handle)
+	return sq
 }
 
 // offer queues a payload a device published on its status topic. It never
 // blocks.
 func (q *statusQueue) offer(deviceID string, payload []byte) {
-	q.mu.RLock()
-	defer q.mu.RUnlock()
-	if q.done {
-		return
-	}
 	if len(payload) > MaxStatusBytes { // refused before it takes room
 		q.refused(deviceID, "", refuse(RefusedTooLarge, fmt.Errorf("%d bytes, at most %d", len(payload), MaxStatusBytes)))
 		return
 	}
-	select {
-	case q.in <- statusMsg{deviceID: deviceID, payload: bytes.Clone(payload)}:
-	default:
+	if err := q.q.put(statusMsg{deviceID: deviceID, payload: bytes.Clone(payload)}); errors.Is(err, errQueueFull) {
 		q.refused(deviceID, "", refuse(RefusedBusy, errors.New("too many reports waiting to be stored")))
 	}
 }
 
-func (q *statusQueue) work() {
-	defer q.wg.Done()
-	for m := range q.in {
-		ctx, cancel := context.WithTimeout(context.Background(), statusTimeout)
-		id, _, err := q.rs.Handle(ctx, m.deviceID, m.payload)
-		cancel()
-		if err != nil {
-			q.refused(m.deviceID, id, err)
-			continue
-		}
-		a, _ := json.Marshal(proto.ReportAck{ReportID: id, Stored: true})
-		q.ack(m.deviceID, a)
+func (q *statusQueue) handle(m statusMsg) {
+	ctx, cancel := context.WithTimeout(context.Background(), statusTimeout)
+	id, _, err := q.rs.Handle(ctx, m.deviceID, m.payload)
+	cancel()
+	if err != nil {
+		q.refused(m.deviceID, id, err)
+		return
 	}
+	a, _ := json.Marshal(proto.ReportAck{ReportID: id, Stored: true})
+	q.ack(m.deviceID, a)
 }
 
 // refused logs and counts a refusal and, when the report had an ID, says
@@ -229,13 +267,5 @@ func (q *statusQueue) refused(deviceID, reportID string, err error) {
 	}
 }
 
-// close stops taking reports and waits for those queued to be handled.
-func (q *statusQueue) close() {
-	q.once.Do(func() {
-		q.mu.Lock()
-		q.done = true
-		close(q.in)
-		q.mu.Unlock()
-		q.wg.Wait()
-	})
-}
+// close stops taking reports and waits for those queued to be stored.
+func (q *statusQueue) close() { q.q.close() }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
 	"github.com/fieldpatch/fieldpatch/internal/server/store"
 	"github.com/fieldpatch/fieldpatch/internal/testenv"
@@ -31,6 +32,7 @@ type fleet struct {
 	st      *store.Store
 	updates map[string]string // device -> its update ID
 	reports *Reports
+	checks  *CheckIns // answered by the real device API on st
 
 	mu      sync.Mutex
 	refused map[string]int // reason -> count
@@ -92,6 +94,14 @@ func newFleet(t *testing.T) *fleet {
 			f.mu.Unlock()
 		},
 	}
+	f.checks = &CheckIns{
+		Handler: (&deviceapi.API{Store: st, PollInterval: time.Hour}).Handler(),
+		Refused: func(reason string) {
+			f.mu.Lock()
+			f.refused["checkin:"+reason]++
+			f.mu.Unlock()
+		},
+	}
 	return f
 }
 
@@ -101,14 +111,14 @@ func (f *fleet) refusals(reason string) int {
 	return f.refused[reason]
 }
 
-// embedded starts the embedded broker with status reports on.
+// embedded starts the embedded broker with status reports and check-ins on.
 func (f *fleet) embedded() {
 	cert, err := tls.LoadX509KeyPair(filepath.Join(f.dir, "pki", "server.pem"), filepath.Join(f.dir, "pki", "server.key.pem"))
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	b, err := Listen("127.0.0.1:0", Config{TLS: &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: f.ca.Pool()},
-		Allowed: f.reports.Allowed, Reports: f.reports})
+		Allowed: f.reports.Allowed, Reports: f.reports, CheckIns: f.checks})
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -126,7 +136,7 @@ func (f *fleet) external() {
 	pkiDir := filepath.Join(f.dir, "pki")
 	f.mosq = testenv.StartMosquitto(f.t, filepath.Join(pkiDir, "ca.pem"), filepath.Join(pkiDir, "server.pem"), filepath.Join(pkiDir, "server.key.pem"))
 	f.port = strconv.Itoa(f.mosq.Port)
-	c, err := NewClient(ClientConfig{Broker: f.mosq.URL, CA: f.ca, Reports: f.reports, MaxRetry: time.Second,
+	c, err := NewClient(ClientConfig{Broker: f.mosq.URL, CA: f.ca, Reports: f.reports, CheckIns: f.checks, MaxRetry: time.Second,
 		Up: func() { f.up <- struct{}{} }})
 	if err != nil {
 		f.t.Fatal(err)
@@ -341,15 +351,25 @@ func TestStatusReportsOverMQTT(t *testing.T) {
 // to the device's acknowledgements first, and returns the answer.
 func request(t *testing.T, conn []string, id, payload string) proto.ReportAck {
 	t.Helper()
+	var a proto.ReportAck
+	if out := rr(t, conn, StatusTopic(id), AckTopic(id), payload); json.Unmarshal(out, &a) != nil {
+		t.Fatalf("mosquitto_rr: %q", out)
+	}
+	return a
+}
+
+// rr publishes payload on topic with mosquitto_rr and returns the first
+// message on answers.
+func rr(t *testing.T, conn []string, topic, answers, payload string) []byte {
+	t.Helper()
 	bin := testenv.Command(t, "mosquitto_rr")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, append(conn, "-t", StatusTopic(id), "-e", AckTopic(id), "-q", "1", "-m", payload, "-W", "20")...).CombinedOutput()
-	var a proto.ReportAck
-	if err != nil || json.Unmarshal(bytes.TrimSpace(out), &a) != nil {
+	out, err := exec.CommandContext(ctx, bin, append(conn, "-t", topic, "-e", answers, "-q", "1", "-m", payload, "-W", "20")...).CombinedOutput()
+	if err != nil {
 		t.Fatalf("mosquitto_rr: %v: %q", err, out)
 	}
-	return a
+	return bytes.TrimSpace(out)
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {

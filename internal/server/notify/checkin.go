@@ -1,0 +1,152 @@
+package notify
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+
+	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
+)
+
+// CheckInTopic is where a device publishes its check-ins (a JSON
+// proto.MQTTCheckIn) while its session is up.
+func CheckInTopic(deviceID string) string { return TopicPrefix + deviceID + "/checkin" }
+
+// AnswerTopic is where the server answers them (a proto.MQTTAnswer).
+func AnswerTopic(deviceID string) string { return TopicPrefix + deviceID + "/answer" }
+
+// CheckInFilter is the server's subscription to every device's check-ins.
+const CheckInFilter = TopicPrefix + "+/checkin"
+
+// MaxCheckInBytes is the largest check-in payload the server takes over
+// MQTT (a check-in is a few hundred bytes; one with many attributes goes
+// over HTTPS, whose limit is proto.MaxBodyBytes).
+const MaxCheckInBytes = 12 << 10
+
+// Check-in queue sizes. A rollout's notification makes every connected
+// device of its phase check in at once, so the queue holds a large
+// fleet's worth; the workers are many because each waits for a group
+// commit (the store commits the check-ins of all waiting workers in one
+// transaction), and fewer than the device API's in-flight bound, so
+// HTTPS keeps room. Past the queue, a check-in is answered 503.
+const (
+	checkInQueueDepth = 32 << 10
+	checkInWorkers    = 128
+	checkInRetryAfter = 5 // seconds, when the queue is full
+)
+
+// CheckIns answers the check-ins devices publish over MQTT with the device
+// API itself, called in process for the device the broker authenticated:
+// the same validation, authorisation, load bounds and answers as over
+// HTTPS, without a TLS handshake and an HTTP exchange per check-in.
+type CheckIns struct {
+	// Handler is the device API's handler.
+	Handler http.Handler
+	// Refused hears of every check-in dropped or answered without reaching
+	// the device API, with a reason (too_large, malformed, busy, topic).
+	Refused func(reason string)
+	Log     *slog.Logger
+}
+
+func (ci *CheckIns) log() *slog.Logger {
+	if ci.Log == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return ci.Log
+}
+
+// checkInQueue answers check-ins on workers.
+type checkInQueue struct {
+	ci     *CheckIns
+	answer func(deviceID string, payload []byte)
+	q      *queue[checkInMsg]
+}
+
+type checkInMsg struct {
+	deviceID string
+	c        proto.MQTTCheckIn
+}
+
+func newCheckInQueue(ci *CheckIns, answer func(deviceID string, payload []byte)) *checkInQueue {
+	cq := &checkInQueue{ci: ci, answer: answer}
+	cq.q = newQueue(checkInQueueDepth, checkInWorkers, cq.handle)
+	return cq
+}
+
+// offer takes a payload a device published on its check-in topic. It
+// never blocks: what is malformed is answered (or, without a request ID
+// to answer to, dropped) at once, the rest is queued.
+func (q *checkInQueue) offer(deviceID string, payload []byte) {
+	if len(payload) > MaxCheckInBytes {
+		q.refuse(deviceID, "", RefusedTooLarge, http.StatusRequestEntityTooLarge, fmt.Sprintf("check-in larger than %d bytes", MaxCheckInBytes))
+		return
+	}
+	var c proto.MQTTCheckIn
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&c)
+	if err == nil && dec.More() {
+		err = errors.New("more than one JSON value")
+	}
+	if proto.ValidID("request_id", c.RequestID) != nil {
+		q.refuse(deviceID, "", RefusedMalformed, 0, "")
+		return
+	}
+	if err != nil {
+		q.refuse(deviceID, c.RequestID, RefusedMalformed, http.StatusBadRequest, "malformed JSON: "+err.Error())
+		return
+	}
+	if err := q.q.put(checkInMsg{deviceID: deviceID, c: c}); errors.Is(err, errQueueFull) {
+		q.refuse(deviceID, c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
+	}
+}
+
+// refuse counts and logs a check-in that did not reach the device API and
+// answers it when it has a request ID.
+func (q *checkInQueue) refuse(deviceID, requestID, reason string, status int, msg string) {
+	q.ci.log().Warn("mqtt: check-in refused", "device", deviceID, "request", requestID, "reason", reason, "err", msg)
+	if q.ci.Refused != nil {
+		q.ci.Refused(reason)
+	}
+	if requestID == "" {
+		return
+	}
+	body, _ := json.Marshal(proto.Error{Error: msg})
+	a := proto.MQTTAnswer{RequestID: requestID, Status: status, Body: body}
+	if status == http.StatusServiceUnavailable {
+		a.RetryAfter = checkInRetryAfter
+	}
+	b, _ := json.Marshal(a)
+	q.answer(deviceID, b)
+}
+
+// handle runs one check-in through the device API and publishes its
+// answer.
+func (q *checkInQueue) handle(m checkInMsg) {
+	body, _ := json.Marshal(m.c.CheckIn)
+	ctx, cancel := context.WithTimeout(deviceapi.WithDevice(context.Background(), m.deviceID), statusTimeout)
+	defer cancel()
+	req := httptest.NewRequestWithContext(ctx, http.MethodPost, proto.PathCheckIn, bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	rec := httptest.NewRecorder()
+	q.ci.Handler.ServeHTTP(rec, req)
+	a := proto.MQTTAnswer{RequestID: m.c.RequestID, Status: rec.Code, Body: bytes.TrimSpace(rec.Body.Bytes())}
+	if !json.Valid(a.Body) {
+		a.Body = nil
+	}
+	if rec.Code == http.StatusServiceUnavailable {
+		a.RetryAfter, _ = strconv.Atoi(rec.Header().Get("Retry-After"))
+	}
+	b, _ := json.Marshal(a)
+	q.answer(m.deviceID, b)
+}
+
+// close stops taking check-ins and waits for those queued to be answered.
+func (q *checkInQueue) close() { q.q.close() }
