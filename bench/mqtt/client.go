@@ -53,6 +53,9 @@ type request struct {
 	// NoCheckIn: devices only note their notification
 	CheckInConns int  `json:"checkin_conns,omitempty"`
 	NoCheckIn    bool `json:"no_checkin,omitempty"`
+	// arm: the first check-in after a notification goes over MQTT, as
+	// the agent's does (later ones, after a 503 or a failure, over HTTPS)
+	OverMQTT bool `json:"over_mqtt,omitempty"`
 	// arm, collect: when devices stop trying (Unix nanoseconds)
 	Deadline int64 `json:"deadline,omitempty"`
 }
@@ -71,6 +74,7 @@ type reply struct {
 	Offered  []bool  `json:"offered,omitempty"`
 	Tries    []int32 `json:"tries,omitempty"` // check-ins sent
 	Attempts int64   `json:"attempts"`        // check-in requests sent
+	ViaMQTT  int64   `json:"via_mqtt"`        // of them sent over MQTT
 	Busy     int64   `json:"busy"`            // of them answered 503
 	Errors   int64   `json:"errors"`          // of them failed otherwise
 	MaxConns int64   `json:"max_conns"`
@@ -86,6 +90,7 @@ type device struct {
 	notified, answered atomic.Int64
 	offered            atomic.Bool
 	tries              atomic.Int32
+	answer             chan []byte // the server's answers to MQTT check-ins
 }
 
 type clientProc struct {
@@ -97,11 +102,13 @@ type clientProc struct {
 
 	armed     atomic.Bool
 	noCheckIn bool
+	overMQTT  bool
 	deadline  time.Time
 	sem       chan struct{}
 	lost      atomic.Int64
 
 	attempts, busy, errs atomic.Int64
+	viaMQTT              atomic.Int64
 	conns, maxConns      atomic.Int64
 	firstErr             atomic.Pointer[string]
 	wg                   sync.WaitGroup
@@ -133,6 +140,11 @@ func runClient() {
 			p.deadline = time.Unix(0, req.Deadline)
 			p.sem = make(chan struct{}, max(req.CheckInConns, 1))
 			p.noCheckIn = req.NoCheckIn
+			p.overMQTT = req.OverMQTT
+			p.attempts.Store(0)
+			p.viaMQTT.Store(0)
+			p.busy.Store(0)
+			p.errs.Store(0)
 			for _, d := range p.devs {
 				d.notified.Store(0)
 				d.answered.Store(0)
@@ -205,7 +217,7 @@ func (p *clientProc) enroll(req request) reply {
 		if src[15] == 0 {
 			src[15] = 255
 		}
-		p.devs[i] = &device{id: fmt.Sprintf("mq%05d", i+1), src: src}
+		p.devs[i] = &device{id: fmt.Sprintf("mq%05d", i+1), src: src, answer: make(chan []byte, 1)}
 	}
 	// Enrollment goes over a few kept-alive connections (no client
 	// certificate yet); it is setup, not what is measured.
@@ -294,10 +306,10 @@ func postJSON(ctx context.Context, c *http.Client, url string, in, out any) erro
 
 // connect connects every device to the broker (clean session, its own
 // certificate, client ID = device ID) and subscribes it to its
-// notifications, workers at a time.
+// notifications and check-in answers, workers at a time.
 func (p *clientProc) connect(req request) reply {
 	return p.parallel(req.Workers, func(d *device) error {
-		topic := "fp/dev/" + d.id + "/notify"
+		topic, answers := "fp/dev/"+d.id+"/notify", "fp/dev/"+d.id+"/answer"
 		opts := paho.NewClientOptions().
 			AddBroker("tls://" + req.Broker).
 			SetClientID(d.id).
@@ -318,7 +330,16 @@ func (p *clientProc) connect(req request) reply {
 		if err := tok.Error(); err != nil {
 			return err
 		}
-		st := c.Subscribe(topic, 1, func(_ paho.Client, _ paho.Message) { p.notified(d) })
+		st := c.SubscribeMultiple(map[string]byte{topic: 1, answers: 1}, func(_ paho.Client, m paho.Message) {
+			if m.Topic() == answers {
+				select {
+				case d.answer <- m.Payload():
+				default:
+				}
+				return
+			}
+			p.notified(d)
+		})
 		if !st.WaitTimeout(30 * time.Second) {
 			c.Disconnect(0)
 			return errors.New("subscribe timed out")
@@ -327,9 +348,9 @@ func (p *clientProc) connect(req request) reply {
 			c.Disconnect(0)
 			return err
 		}
-		if q := st.(*paho.SubscribeToken).Result()[topic]; q > 2 {
+		if res := st.(*paho.SubscribeToken).Result(); res[topic] > 2 || res[answers] > 2 {
 			c.Disconnect(0)
-			return fmt.Errorf("subscription refused (%d)", q)
+			return fmt.Errorf("subscription refused (%v)", res)
 		}
 		d.mq = c
 		return nil
@@ -359,14 +380,75 @@ func (p *clientProc) notified(d *device) {
 	}()
 }
 
-// checkInUntilAnswered checks in as the agent does: after a 503 it waits
-// the Retry-After out, after an error it backs off (1 s, doubling), with
-// the agent's jitter (up to a tenth more), until the deadline. A
-// connection slot is held only while a request is out.
+// checkInMQTT is the agent's check-in over MQTT: published on the
+// device's check-in topic, answered on its answer topic within 10 s.
+func (p *clientProc) checkInMQTT(ctx context.Context, d *device, resp *proto.CheckInResponse) error {
+	for len(d.answer) > 0 { // a late answer to an earlier run
+		<-d.answer
+	}
+	id := fmt.Sprintf("%s-%d", d.id, time.Now().UnixNano())
+	body, _ := json.Marshal(proto.MQTTCheckIn{RequestID: id,
+		CheckIn: proto.CheckIn{Version: p.version, Slot: "a", HWClass: p.hwClass, SecurityCounter: 1}})
+	d.mq.Publish("fp/dev/"+d.id+"/checkin", 1, false, body)
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case b := <-d.answer:
+			var a proto.MQTTAnswer
+			if json.Unmarshal(b, &a) != nil || a.RequestID != id {
+				continue
+			}
+			switch a.Status {
+			case http.StatusOK:
+				return json.Unmarshal(a.Body, resp)
+			case http.StatusServiceUnavailable:
+				return &busyError{wait: time.Duration(max(a.RetryAfter, 1)) * time.Second}
+			}
+			return fmt.Errorf("answered %d over MQTT: %s", a.Status, a.Body)
+		case <-t.C:
+			return errors.New("no answer over MQTT within 10 s")
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// checkInUntilAnswered checks in as the agent does: the first time over
+// MQTT (with -checkin mqtt), then over HTTPS; after a 503 it waits the
+// Retry-After out, after an error it backs off (1 s, doubling; at once
+// after an MQTT check-in that went unanswered), with the agent's jitter
+// (up to a tenth more), until the deadline. An HTTPS connection slot is
+// held only while a request is out.
 func (p *clientProc) checkInUntilAnswered(d *device) {
 	ctx, cancel := context.WithDeadline(context.Background(), p.deadline)
 	defer cancel()
 	backoff := time.Second
+	if p.overMQTT {
+		p.attempts.Add(1)
+		p.viaMQTT.Add(1)
+		d.tries.Add(1)
+		var resp proto.CheckInResponse
+		err := p.checkInMQTT(ctx, d, &resp)
+		var be *busyError
+		switch {
+		case err == nil:
+			d.answered.Store(time.Now().UnixNano())
+			d.offered.Store(resp.Offer != nil)
+			return
+		case errors.As(err, &be):
+			p.busy.Add(1)
+			if !p.sleep(ctx, be.wait) {
+				return
+			}
+		case ctx.Err() != nil:
+			return
+		default:
+			p.errs.Add(1)
+			s := err.Error()
+			p.firstErr.CompareAndSwap(nil, &s)
+		}
+	}
 	for ctx.Err() == nil {
 		select {
 		case p.sem <- struct{}{}:
@@ -399,13 +481,20 @@ func (p *clientProc) checkInUntilAnswered(d *device) {
 			p.firstErr.CompareAndSwap(nil, &s)
 			wait, backoff = backoff, min(2*backoff, 30*time.Second)
 		}
-		wait += mrand.N(wait/10 + 1)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-		}
+		p.sleep(ctx, wait)
+	}
+}
+
+// sleep waits d and the agent's jitter (up to a tenth more), or until ctx
+// ends; it says whether ctx is still live.
+func (p *clientProc) sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d + mrand.N(d/10+1))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 
@@ -429,7 +518,7 @@ func (p *clientProc) collect(req request) reply {
 	p.armed.Store(false)
 	p.wg.Wait() // the deadline ends every device's attempts
 	r := reply{Notified: make([]int64, len(p.devs)), Answered: make([]int64, len(p.devs)), Offered: make([]bool, len(p.devs)), Tries: make([]int32, len(p.devs)),
-		Attempts: p.attempts.Load(), Busy: p.busy.Load(), Errors: p.errs.Load(), MaxConns: p.maxConns.Load()}
+		Attempts: p.attempts.Load(), ViaMQTT: p.viaMQTT.Load(), Busy: p.busy.Load(), Errors: p.errs.Load(), MaxConns: p.maxConns.Load()}
 	for i, d := range p.devs {
 		r.Notified[i], r.Answered[i], r.Offered[i], r.Tries[i] = d.notified.Load(), d.answered.Load(), d.offered.Load(), d.tries.Load()
 	}

@@ -2,7 +2,8 @@
 // server's embedded MQTT broker, in a separate client process (this
 // program, re-executed), and a rollout that lets them all in. It measures
 // the latency from the rollout's start until each device, notified over
-// MQTT, has checked in over HTTPS and been offered the release; and the
+// MQTT, has checked in (over MQTT as the agent does, or over HTTPS with
+// -checkin https) and been offered the release; and the
 // broker's memory per connected device against Mosquitto holding the same
 // clients in the same run.
 //
@@ -42,6 +43,7 @@ type options struct {
 	mosquitto    string
 	serverGOGC   int
 	noCheckIn    bool
+	checkInOver  string
 	serverData   string
 	keep         bool
 }
@@ -64,10 +66,15 @@ func main() {
 	flag.IntVar(&o.checkInConns, "checkin-conns", 4000, "check-in connections the client process opens at once (it holds every MQTT connection too, within its 20,000 files)")
 	flag.StringVar(&o.mosquitto, "mosquitto", "mosquitto", `the Mosquitto broker to compare with ("off": none)`)
 	flag.BoolVar(&o.noCheckIn, "no-checkin", false, "devices only note their notification and do not check in (the broker's fan-out alone)")
+	flag.StringVar(&o.checkInOver, "checkin", "mqtt", `how a notified device checks in first: "mqtt" (as the agent does; after a 503 or a failure, over HTTPS) or "https"`)
 	flag.IntVar(&o.serverGOGC, "server-gogc", 0, "GOGC for the server (0: Go's default, 100)")
 	flag.StringVar(&o.serverData, "server-data", "", "where the server's data directory is made (default the system's temporary directory, on disk; /dev/shm takes the database's fsync out)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (server data and log, Mosquitto's configuration and log)")
 	flag.Parse()
+	if o.checkInOver != "mqtt" && o.checkInOver != "https" {
+		fmt.Fprintln(os.Stderr, `-checkin: want "mqtt" or "https"`)
+		os.Exit(2)
+	}
 	timer := time.AfterFunc(o.timeout, func() {
 		fmt.Fprintf(os.Stderr, "mqtt bench: gave up after %v\n", o.timeout)
 		children.kill()
@@ -143,6 +150,7 @@ type result struct {
 	firstTry       []time.Duration // of them, those offered at their first check-in
 	noOffer        int
 	attempts, busy int64
+	viaMQTT        int64
 	errs           int64
 	maxConns       int64
 	lost           int64
@@ -202,11 +210,11 @@ func (r *result) print(o options) {
 		fmt.Println("  (-no-checkin: the devices did not check in; no latency target is judged)")
 		return
 	}
-	fmt.Println("\n| devices | notified within the wait | offered within the wait | notification p50 / p99 | offer p50 | offer p99 | offer max | check-ins sent | busy (503) | errors | MQTT connections lost |")
-	fmt.Println("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-	fmt.Printf("| %d | %d | %d | %s / %s | %s | %s | %s | %d | %d | %d | %d |\n", r.devices, len(r.notified), len(r.answered),
+	fmt.Printf("\n| devices | first check-in over | notified within the wait | offered within the wait | notification p50 / p99 | offer p50 | offer p99 | offer max | check-ins sent (over MQTT) | busy (503) | errors | MQTT connections lost |\n")
+	fmt.Println("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+	fmt.Printf("| %d | %s | %d | %d | %s / %s | %s | %s | %s | %d (%d) | %d | %d | %d |\n", r.devices, strings.ToUpper(o.checkInOver), len(r.notified), len(r.answered),
 		ms(pct(r.notified, 50)), ms(pct(r.notified, 99)), ms(pct(r.answered, 50)), ms(pct(r.answered, 99)), ms(pct(r.answered, 100)),
-		r.attempts, r.busy, r.errs, r.lost)
+		r.attempts, r.viaMQTT, r.busy, r.errs, r.lost)
 	fmt.Printf("  offered at their first check-in: %d devices, p50 %s, p99 %s, max %s (the others were answered 503 first and waited its Retry-After)\n",
 		len(r.firstTry), ms(pct(r.firstTry, 50)), ms(pct(r.firstTry, 99)), ms(pct(r.firstTry, 100)))
 	if r.noOffer > 0 {
@@ -416,7 +424,7 @@ func run(o options) (*result, error) {
 
 	// The rollout: one phase, the whole fleet.
 	deadline := time.Now().Add(o.wait + 5*time.Second)
-	if _, err := c.do(request{Op: "arm", CheckInConns: o.checkInConns, NoCheckIn: o.noCheckIn, Deadline: deadline.UnixNano()}); err != nil {
+	if _, err := c.do(request{Op: "arm", CheckInConns: o.checkInConns, NoCheckIn: o.noCheckIn, OverMQTT: o.checkInOver == "mqtt", Deadline: deadline.UnixNano()}); err != nil {
 		return r, err
 	}
 	start := time.Now()
@@ -429,7 +437,7 @@ func run(o options) (*result, error) {
 	if err != nil {
 		return r, err
 	}
-	r.attempts, r.busy, r.errs, r.maxConns, r.lost, r.firstErr = rep.Attempts, rep.Busy, rep.Errors, rep.MaxConns, rep.Lost, rep.FirstErr
+	r.attempts, r.viaMQTT, r.busy, r.errs, r.maxConns, r.lost, r.firstErr = rep.Attempts, rep.ViaMQTT, rep.Busy, rep.Errors, rep.MaxConns, rep.Lost, rep.FirstErr
 	r.notified, r.answered = []time.Duration{}, []time.Duration{}
 	limit := start.Add(o.wait)
 	for i := range rep.Notified {

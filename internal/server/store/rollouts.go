@@ -84,7 +84,7 @@ func unix(t int64) time.Time {
 
 // liveRollouts lists the active and paused rollouts, newest first.
 func (s *Store) liveRollouts(ctx context.Context) ([]*liveRollout, error) {
-	gen := s.gen.Load()
+	gen := s.gen.Load() + s.rollGen.Load() // both only grow: the sum moves when either does
 	c := &s.live
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -123,7 +123,7 @@ func (s *Store) CreateRollout(ctx context.Context, spec rollout.Spec, start bool
 	}
 	body, _ := json.Marshal(spec)
 	now := s.now()
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.writeRollouts(ctx, func(tx *sql.Tx) error {
 		var hw string
 		if err := tx.QueryRowContext(ctx, `SELECT hw_class FROM releases WHERE id = ?`, spec.Release).Scan(&hw); err != nil {
 			if errors.Is(err, sql.ErrNoRows) {
@@ -339,7 +339,7 @@ func (s *Store) Rollouts(ctx context.Context, states ...string) ([]rollout.Rollo
 // engine's decision; a no-op if anything changed meanwhile).
 func (s *Store) Advance(ctx context.Context, id string, from int, now time.Time) (bool, error) {
 	var done bool
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.writeRollouts(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE rollouts SET phase = phase + 1, phase_started_at = ?, updated_at = ? WHERE id = ? AND state = 'active' AND phase = ?`,
 			now.Unix(), now.Unix(), id, from)
 		if err != nil {
@@ -361,7 +361,7 @@ func (s *Store) Trip(ctx context.Context, id string, phase int, action, reason s
 		return false, fmt.Errorf("trip action %q", action)
 	}
 	var done bool
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.writeRollouts(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = 'active' AND phase = ?`,
 			state, gatePrefix+reason, now.Unix(), id, phase)
 		if err != nil {

@@ -45,12 +45,16 @@ type Store struct {
 	starts   chan *startReq
 	quit     chan struct{}
 	prepared sync.Map      // query text -> *sql.Stmt, for the device API's hot path
-	gen      atomic.Uint64 // bumped by every committed write but the device path's
-	local    atomic.Uint64 // bumped whenever one device's cached state is dropped
+	gen      atomic.Uint64 // bumped by every committed write but the device path's and rollouts' own
+	rollGen  atomic.Uint64 // bumped by writes that change rollouts only (writeRollouts)
 	live     liveCache     // active and paused rollouts, for offers
 	zones    rollout.Zones
 	cacheMu  sync.Mutex
 	cache    map[string]devState
+	clears   uint64 // times the cache was cleared; guarded by cacheMu
+	// afterLoad, in tests, runs between a device state's load and its
+	// caching.
+	afterLoad func(id string)
 	seen     map[string]seenState // guarded by cacheMu
 
 	// Offerable, if set, says whether a release may be started on devices
@@ -306,7 +310,12 @@ func (s *Store) Active(ctx context.Context, id string) error {
 // does it exist, is it revoked, what it last said about itself, its groups
 // and tags (for rollout targets) and its live update attempts.
 type devState struct {
-	gen             uint64
+	gen uint64
+	// epoch moves on at every change to the device's own entry on the
+	// device path; stale marks an entry dropped (forget) that keeps its
+	// epoch, so a load that began before the change is not stored.
+	epoch           uint64
+	stale           bool
 	exists, revoked bool
 	hwClass         string // pinned by the device's first check-in
 	version         string
@@ -326,29 +335,38 @@ type liveUpdate struct {
 const maxCachedDevices = 200_000
 
 // deviceState answers from a cache. A committed write that may change what
-// it holds for many devices (a revocation, a group change, anything about
-// rollouts) bumps the generation and so invalidates every entry; the device
+// it holds for many devices (a revocation, a group change, a retry) bumps
+// the generation and so invalidates every entry; a write about rollouts
+// alone (one created, started, advanced or tripped) does not. The device
 // path drops only the device's own entry (forget) when it starts an update
 // or stores a report, and refreshes its facts in place after a check-in. So
-// a change is seen at the device's next request, and an idle fleet's
-// check-ins cost no query.
+// a change is seen at the device's next request, an idle fleet's
+// check-ins cost no query, and a rollout's start does not send the whole
+// fleet back to the database.
 func (s *Store) deviceState(ctx context.Context, id string) (devState, error) {
-	gen, local := s.gen.Load(), s.local.Load()
+	gen := s.gen.Load()
 	s.cacheMu.Lock()
 	st, ok := s.cache[id]
+	epoch, clears := st.epoch, s.clears
 	s.cacheMu.Unlock()
-	if ok && st.gen == gen {
+	if ok && !st.stale && st.gen == gen {
 		return st, nil
 	}
 	st, err := s.loadDeviceState(ctx, id)
 	if err != nil {
 		return devState{}, err
 	}
-	st.gen = gen
+	if s.afterLoad != nil {
+		s.afterLoad(id)
+	}
+	st.gen, st.epoch = gen, epoch
 	s.cacheMu.Lock()
-	if s.local.Load() == local { // no device was forgotten while this loaded
+	// Kept only when nothing changed this device's entry while it loaded
+	// (nor cleared the cache: that forgets epochs).
+	if s.cache[id].epoch == epoch && s.clears == clears {
 		if len(s.cache) >= maxCachedDevices {
 			clear(s.cache)
+			s.clears++
 		}
 		s.cache[id] = st
 	}
@@ -415,8 +433,7 @@ func (s *Store) queryRows(ctx context.Context, q string, args []any, f func(*sql
 // its updates).
 func (s *Store) forget(id string) {
 	s.cacheMu.Lock()
-	s.local.Add(1)
-	delete(s.cache, id)
+	s.cache[id] = devState{stale: true, epoch: s.cache[id].epoch + 1}
 	s.cacheMu.Unlock()
 }
 
@@ -528,6 +545,15 @@ func migrateOne(ctx context.Context, conn *sql.Conn, i int) error {
 func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
 	err := s.writeTx(ctx, f)
 	s.gen.Add(1) // also after a failure: a commit may have happened anyway
+	return err
+}
+
+// writeRollouts is write for a change to rollouts alone (their rows and
+// events): it invalidates the cached list of live rollouts, not the
+// devices' cached state.
+func (s *Store) writeRollouts(ctx context.Context, f func(tx *sql.Tx) error) error {
+	err := s.writeTx(ctx, f)
+	s.rollGen.Add(1) // also after a failure: a commit may have happened anyway
 	return err
 }
 
@@ -725,15 +751,21 @@ func (s *Store) commitCheckins(batch []*checkinReq) {
 		// What the device said is now its cached state too; a loader that
 		// read the row before this commit must not store its older copy.
 		s.cacheMu.Lock()
-		s.local.Add(1)
 		for i, r := range batch {
-			if st, ok := s.cache[r.id]; ok && errs[i] == nil {
+			if errs[i] != nil {
+				continue
+			}
+			st, ok := s.cache[r.id]
+			if !ok || st.stale {
+				st = devState{stale: true, epoch: st.epoch}
+			} else {
 				if st.hwClass == "" {
 					st.hwClass = r.c.HWClass // the first report pins it
 				}
 				st.version, st.timeZone, st.attributes, st.securityCounter = r.c.Version, r.c.TimeZone, r.c.Attributes, r.c.SecurityCounter
-				s.cache[r.id] = st
 			}
+			st.epoch++
+			s.cache[r.id] = st
 		}
 		s.cacheMu.Unlock()
 	}

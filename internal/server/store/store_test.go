@@ -7,10 +7,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
+	"github.com/fieldpatch/fieldpatch/internal/server/rollout"
 )
 
 func open(t *testing.T, path string) *Store {
@@ -339,5 +341,65 @@ func TestLastSeenResolution(t *testing.T) {
 	step(61*time.Second, c2, t0.Add(92*time.Second), "2.0.0") // a repeat after it: written
 	if err := s.CheckIn(ctx, "nobody", c); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown device: %v", err)
+	}
+}
+
+// The device-state cache never keeps a copy older than a change made while
+// it was read: a check-in, or an update started (forget), that commits
+// between a load and its caching leaves that load uncached, and the next
+// request sees the change. A rollout's creation and start do not
+// invalidate the devices' cached state, yet the new rollout is offered at
+// once.
+func TestDeviceCacheKeepsNoOlderCopy(t *testing.T) {
+	s, ctx, _ := setup(t)
+	version := func() string {
+		st, err := s.deviceState(ctx, "lock-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.version
+	}
+	s.forget("lock-1")
+	var once sync.Once
+	s.afterLoad = func(id string) { // a check-in commits while lock-1's state loads
+		once.Do(func() {
+			if err := s.CheckIn(ctx, "lock-1", proto.CheckIn{Version: "1.0.1", Slot: "b", HWClass: "smartlock-v2"}); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	if v := version(); v != "1.0.0" {
+		t.Fatalf("the load that began first read %s", v)
+	}
+	if v := version(); v != "1.0.1" {
+		t.Fatalf("after a check-in during a load, the cache answers %s, want 1.0.1", v)
+	}
+	s.afterLoad = nil
+
+	// A rollout created and started: no device goes back to the database,
+	// and its release is offered at once.
+	version() // cached
+	gen := s.gen.Load()
+	if _, err := s.CreateRollout(ctx, rollout.Spec{ID: "ro", Release: "lock-2.0.0", Target: rollout.Target{Devices: []string{"lock-1"}}}, true); err != nil {
+		t.Fatal(err)
+	}
+	if g := s.gen.Load(); g != gen {
+		t.Fatalf("creating a rollout invalidated every device's cached state (generation %d -> %d)", gen, g)
+	}
+	loads := 0
+	s.afterLoad = func(string) { loads++ }
+	var n atomic.Int64
+	next := func() string { return fmt.Sprintf("u-%d", n.Add(1)) }
+	up, _, _, err := s.Offer(ctx, "lock-1", next)
+	if err != nil || up == nil {
+		t.Fatalf("offer after the rollout's start: %v %v", up, err)
+	}
+	if loads != 0 {
+		t.Errorf("the offer loaded lock-1's state %d times, want it from the cache", loads)
+	}
+	// The start changed lock-1's updates: the next request reads them.
+	again, _, _, err := s.Offer(ctx, "lock-1", next)
+	if err != nil || again == nil || again.ID != up.ID || loads != 1 {
+		t.Fatalf("offer again: %+v %v after %d loads, want the same update after one load", again, err, loads)
 	}
 }
