@@ -55,7 +55,7 @@ type Store struct {
 	// afterLoad, in tests, runs between a device state's load and its
 	// caching.
 	afterLoad func(id string)
-	seen     map[string]seenState // guarded by cacheMu
+	seen      map[string]seenState // guarded by cacheMu
 
 	// Offerable, if set, says whether a release may be started on devices
 	// (the server allows only releases published in its TUF targets once
