@@ -116,8 +116,8 @@ func Listen(addr string, c Config) (*Broker, error) {
 		raw.Close()
 		return nil, err
 	}
-	ln := &patientListener{Listener: tls.NewListener(raw, tc), timeout: c.ConnectTimeout}
-	if err := srv.AddListener(listeners.NewNet("devices", ln)); err != nil {
+	var ln listeners.Listener = newTLSListener("devices", raw, tc, c.ConnectTimeout, maxHandshakes)
+	if err := srv.AddListener(ln); err != nil {
 		raw.Close()
 		return nil, err
 	}
