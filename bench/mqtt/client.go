@@ -389,7 +389,7 @@ func (p *clientProc) checkInMQTT(ctx context.Context, d *device, resp *proto.Che
 	id := fmt.Sprintf("%s-%d", d.id, time.Now().UnixNano())
 	body, _ := json.Marshal(proto.MQTTCheckIn{RequestID: id,
 		CheckIn: proto.CheckIn{Version: p.version, Slot: "a", HWClass: p.hwClass, SecurityCounter: 1}})
-	d.mq.Publish("fp/dev/"+d.id+"/checkin", 1, false, body)
+	d.mq.Publish("fp/dev/"+d.id+"/checkin", 0, false, body)
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
 	for {

@@ -200,11 +200,11 @@ func (m *MQTT) deliver(key string, payload []byte) {
 	}
 }
 
-// request publishes payload on topic (QoS 1) and waits up to timeout for
+// request publishes payload on topic at qos and waits up to timeout for
 // the message delivered under key. On a timeout the session turns silent:
 // the server does not answer over MQTT (an older one), so until the next
 // connection everything goes straight over HTTPS.
-func (m *MQTT) request(ctx context.Context, topic, key string, payload []byte, timeout time.Duration) ([]byte, error) {
+func (m *MQTT) request(ctx context.Context, topic string, qos byte, key string, payload []byte, timeout time.Duration) ([]byte, error) {
 	if !m.Connected() || m.silent.Load() {
 		return nil, ErrMQTTDown
 	}
@@ -219,7 +219,7 @@ func (m *MQTT) request(ctx context.Context, topic, key string, payload []byte, t
 		}
 		m.mu.Unlock()
 	}()
-	m.c.Publish(topic, 1, false, payload)
+	m.c.Publish(topic, qos, false, payload)
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
@@ -244,7 +244,7 @@ func (m *MQTT) Report(ctx context.Context, r proto.Report) error {
 	if err != nil {
 		return err
 	}
-	b, err := m.request(ctx, m.l.StatusTopic(), "ack:"+r.ReportID, body, mqttAckTimeout)
+	b, err := m.request(ctx, m.l.StatusTopic(), 1, "ack:"+r.ReportID, body, mqttAckTimeout)
 	if err != nil {
 		return err
 	}
@@ -268,7 +268,9 @@ func (m *MQTT) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResp
 	if err != nil {
 		return nil, err
 	}
-	b, err := m.request(ctx, m.l.CheckInTopic(), "answer:"+req.RequestID, body, mqttAnswerTimeout)
+	// QoS 0: the answer is the acknowledgement (a check-in lost with its
+	// connection goes over HTTPS after the timeout).
+	b, err := m.request(ctx, m.l.CheckInTopic(), 0, "answer:"+req.RequestID, body, mqttAnswerTimeout)
 	if err != nil {
 		return nil, err
 	}

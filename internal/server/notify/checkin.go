@@ -22,6 +22,11 @@ func CheckInTopic(deviceID string) string { return TopicPrefix + deviceID + "/ch
 // AnswerTopic is where the server answers them (a proto.MQTTAnswer).
 func AnswerTopic(deviceID string) string { return TopicPrefix + deviceID + "/answer" }
 
+// answerQoS is the QoS of answers (and of the agent's check-ins): 0, since
+// the answer is the acknowledgement, and a check-in or answer lost with its
+// connection sends the device to HTTPS after its timeout.
+const answerQoS = 0
+
 // CheckInFilter is the server's subscription to every device's check-ins.
 const CheckInFilter = TopicPrefix + "+/checkin"
 

@@ -140,16 +140,16 @@ func NewClient(c ClientConfig) (*Client, error) {
 		})
 	cli.cl = paho.NewClient(opts)
 	// Answers are not waited for: without one, the device falls back to HTTPS.
-	publish := func(topic string, payload []byte) {
+	publish := func(topic string, qos byte, payload []byte) {
 		if cli.cl.IsConnectionOpen() {
-			cli.cl.Publish(topic, 1, false, payload)
+			cli.cl.Publish(topic, qos, false, payload)
 		}
 	}
 	if c.Reports != nil {
-		cli.status = newStatusQueue(c.Reports, func(id string, ack []byte) { publish(AckTopic(id), ack) })
+		cli.status = newStatusQueue(c.Reports, func(id string, ack []byte) { publish(AckTopic(id), 1, ack) })
 	}
 	if c.CheckIns != nil {
-		cli.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { publish(AnswerTopic(id), a) })
+		cli.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { publish(AnswerTopic(id), answerQoS, a) })
 	}
 	return cli, nil
 }

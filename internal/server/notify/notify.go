@@ -142,7 +142,7 @@ func Listen(addr string, c Config) (*Broker, error) {
 		}
 	}
 	if c.CheckIns != nil {
-		b.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { srv.Publish(AnswerTopic(id), a, false, 1) })
+		b.checks = newCheckInQueue(c.CheckIns, func(id string, a []byte) { srv.Publish(AnswerTopic(id), a, false, answerQoS) })
 		err := srv.Subscribe(CheckInFilter, 2, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
 			if id := DeviceFromTopic(pk.TopicName, "checkin"); id == "" || id != pk.Origin {
 				b.checks.refuse(pk.Origin, "", RefusedTopic, 0, fmt.Sprintf("%s published on %s", pk.Origin, pk.TopicName))
