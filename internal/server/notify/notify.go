@@ -21,7 +21,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -270,28 +269,4 @@ func (h *deviceHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pack
 		pk.FixedHeader.Retain = false
 	}
 	return pk, nil
-}
-
-// patientListener gives every connection ConnectTimeout to send CONNECT
-// (the broker sets its keep-alive deadline after that) and keeps
-// accepting after a temporary error, where the broker's loop would stop.
-type patientListener struct {
-	net.Listener
-	timeout time.Duration
-}
-
-func (l *patientListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err == nil {
-			c.SetDeadline(time.Now().Add(l.timeout))
-			return c, nil
-		}
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-			time.Sleep(50 * time.Millisecond)
-			continue
-		}
-		return nil, err
-	}
 }
