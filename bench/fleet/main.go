@@ -43,6 +43,7 @@ type options struct {
 	speed     float64
 	poll      time.Duration
 	maxDl     int
+	maxReq    int
 	timeout   time.Duration
 	keep      bool
 	addresses int
@@ -60,6 +61,7 @@ func main() {
 	flag.IntVar(&o.imageKiB, "image-kib", 1024, "payload size of the new image in KiB")
 	flag.Float64Var(&o.speed, "speed", 10, "simulated seconds per real second (devices and the server's rollout clock)")
 	flag.DurationVar(&o.poll, "poll", time.Hour, "the devices' check-in interval, simulated (an hour at 10x: 6 real minutes)")
+	flag.IntVar(&o.maxReq, "max-requests", 512, "requests the simulator runs at once (devices queue before they connect, so none is starved of CPU mid-handshake; 0: no bound)")
 	flag.IntVar(&o.maxDl, "max-downloads", 250, "devices downloading at once (the rollout's limit; each holds its download in memory here)")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Minute, "give up on one fleet after this long")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directories")
@@ -227,7 +229,7 @@ func runFleet(o options, n int) (*result, error) {
 	defer fleet.TuneGC()()
 	f, err := fleet.New(fleet.Config{Devices: n, IDPrefix: "b", Server: url, CAPEM: caPEM, Token: strings.TrimSpace(strings.SplitN(tok, "\n", 2)[0]),
 		Dir: filepath.Join(dir, "fleet"), Factory: imgs["1.0.0"], Keys: []boot.TrustedKey{{Key: pub}}, HWClass: "bench-lock",
-		Speed: o.speed, Addresses: o.addresses, Seed: 1,
+		Speed: o.speed, Addresses: o.addresses, Seed: 1, MaxRequests: o.maxReq,
 		// As a fleet that has run a while: first check-ins spread over a
 		// poll interval, not a wave of full handshakes.
 		StartSpread: time.Duration(float64(o.poll) / o.speed)})

@@ -68,6 +68,15 @@ type Config struct {
 	// devices). A fleet that has run for a while has its check-ins spread
 	// over the poll interval: give the poll interval's real length.
 	StartSpread time.Duration
+	// MaxRequests bounds the requests in flight at once across the
+	// simulator, from the dial to the answer's last byte (0: no bound). A
+	// real device runs its request on its own CPU; one process simulating
+	// tens of thousands on a few cores cannot, and a connection starved of
+	// CPU mid-handshake is closed by the server's deadline. With a bound,
+	// devices queue before they connect, and each request in flight keeps
+	// its share of the CPU. The check-in latencies measured include that
+	// queueing.
+	MaxRequests int
 	Seed        uint64
 	Log         *slog.Logger
 	// TimeZones are given to devices in turn (none: no time zone).
@@ -100,10 +109,11 @@ type Fleet struct {
 	devs  []*Device
 	stats Stats
 
-	faults atomic.Pointer[Faults]
-	wg     sync.WaitGroup
-	cancel context.CancelFunc
-	start  time.Time
+	faults   atomic.Pointer[Faults]
+	requests chan struct{} // Config.MaxRequests slots, or nil
+	wg       sync.WaitGroup
+	cancel   context.CancelFunc
+	start    time.Time
 }
 
 // Device is one virtual device.
@@ -186,6 +196,9 @@ func New(cfg Config) (*Fleet, error) {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	f := &Fleet{cfg: cfg, pool: slot.NewBlockPool(), start: time.Now()}
+	if cfg.MaxRequests > 0 {
+		f.requests = make(chan struct{}, cfg.MaxRequests)
+	}
 	f.stats.init()
 	f.faults.Store(&Faults{})
 	for i := 0; i < cfg.Devices; i++ {
@@ -244,6 +257,9 @@ func (f *Fleet) Enroll(ctx context.Context, workers int, progress func(done int)
 						// as the TLS stacks of small devices do (mbedTLS, wolfSSL):
 						// X25519 alone, without the ML-KEM hybrid
 						Curves: []tls.CurveID{tls.X25519}})
+				}
+				if err == nil && f.requests != nil {
+					d.lnk.HTTP.Transport = &boundedTransport{rt: d.lnk.HTTP.Transport, sem: f.requests}
 				}
 				if err != nil {
 					errc <- fmt.Errorf("enrolling %s: %w", d.ID, err)

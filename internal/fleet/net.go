@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 )
@@ -97,4 +99,56 @@ func (c *sessionCache) Put(_ string, cs *tls.ClientSessionState) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cs = cs
+}
+
+// boundedTransport holds one of the simulator's request slots
+// (Config.MaxRequests) from the start of a request until its answer's body
+// is read to the end or closed.
+type boundedTransport struct {
+	rt  http.RoundTripper
+	sem chan struct{}
+}
+
+func (b *boundedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	select {
+	case b.sem <- struct{}{}:
+	case <-req.Context().Done():
+		return nil, req.Context().Err()
+	}
+	resp, err := b.rt.RoundTrip(req)
+	if err != nil {
+		<-b.sem
+		return nil, err
+	}
+	resp.Body = &slotBody{ReadCloser: resp.Body, release: func() { <-b.sem }}
+	return resp, nil
+}
+
+// CloseIdleConnections reaches the real transport (http.Client calls it).
+func (b *boundedTransport) CloseIdleConnections() {
+	if c, ok := b.rt.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
+}
+
+// slotBody gives its request slot back once, at the end of the body or
+// when it is closed.
+type slotBody struct {
+	io.ReadCloser
+	once    sync.Once
+	release func()
+}
+
+func (s *slotBody) Read(p []byte) (int, error) {
+	n, err := s.ReadCloser.Read(p)
+	if err != nil {
+		s.once.Do(s.release)
+	}
+	return n, err
+}
+
+func (s *slotBody) Close() error {
+	err := s.ReadCloser.Close()
+	s.once.Do(s.release)
+	return err
 }
