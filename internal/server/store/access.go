@@ -48,7 +48,7 @@ func (s *Store) AddAPIToken(ctx context.Context, name, hash, role string) error 
 	if RoleRank(role) == 0 {
 		return fmt.Errorf("role %q: want viewer, operator or admin", role)
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeTx(ctx, func(tx *sql.Tx) error {
 		var n int
 		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM api_tokens WHERE name = ?`, name).Scan(&n); err != nil {
 			return err
@@ -80,7 +80,7 @@ func (s *Store) LookupAPIToken(ctx context.Context, hash string) (*APIToken, err
 
 // RevokeAPIToken stops a token from working; it stays listed.
 func (s *Store) RevokeAPIToken(ctx context.Context, name string) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeTx(ctx, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at = 0`, s.now().Unix(), name)
 		if err != nil {
 			return err
@@ -129,7 +129,7 @@ type AuditEntry struct {
 
 // Audit appends an entry to the audit log.
 func (s *Store) Audit(ctx context.Context, e AuditEntry) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeTx(ctx, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `INSERT INTO audit_log (at, actor, role, action, target, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?)`,
 			s.now().UnixMilli(), e.Actor, e.Role, e.Action, e.Target, e.Status, e.Detail)
 		return err
@@ -188,7 +188,7 @@ func (s *Store) EditDevice(ctx context.Context, id string, e DeviceEdit) error {
 	if len(e.AddGroups)+len(e.RemoveGroups)+len(e.AddTags)+len(e.RemoveTags) == 0 {
 		return fmt.Errorf("nothing to change: give add_groups, remove_groups, add_tags or remove_tags")
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, id, func(tx *sql.Tx) error {
 		var n int
 		if err := tx.QueryRowContext(ctx, `SELECT count(*) FROM devices WHERE id = ?`, id).Scan(&n); err != nil {
 			return err
@@ -247,7 +247,7 @@ func (s *Store) SetDevicePSK(ctx context.Context, deviceID, psk string) error {
 	if psk == "" {
 		return errors.New("empty pre-shared key")
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeTx(ctx, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `INSERT INTO device_psks (device_id, psk, issued_at) VALUES (?, ?, ?)
 			ON CONFLICT (device_id) DO UPDATE SET psk = excluded.psk, issued_at = excluded.issued_at`, deviceID, psk, s.now().Unix())
 		return err

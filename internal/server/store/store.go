@@ -335,9 +335,12 @@ type liveUpdate struct {
 const maxCachedDevices = 200_000
 
 // deviceState answers from a cache. A committed write that may change what
-// it holds for many devices (a revocation, a group change, a retry) bumps
-// the generation and so invalidates every entry; a write about rollouts
-// alone (one created, started, advanced or tripped) does not. The device
+// it holds for many devices (an operator's rollout control) bumps the
+// generation and so invalidates every entry; a write about one device (a
+// revocation, an enrollment, a group change, a retry) drops that device's
+// entry, and writes that change no device's state (rollouts created,
+// started, advanced or tripped; releases, tokens, the audit log) keep
+// every entry. The device
 // path drops only the device's own entry (forget) when it starts an update
 // or stores a report, and refreshes its facts in place after a check-in. So
 // a change is seen at the device's next request, an idle fleet's
@@ -439,7 +442,7 @@ func (s *Store) forget(id string) {
 
 // Revoke refuses a device from now on (a stolen or decommissioned one).
 func (s *Store) Revoke(ctx context.Context, id string) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, id, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at = 0`, s.now().Unix(), id)
 		if err != nil {
 			return err
@@ -548,6 +551,15 @@ func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
 	return err
 }
 
+// writeDevice is write for a change to one device's own records (its row,
+// groups, tags, enrollment, or its updates): it drops that device's cached
+// state only, once the change is committed.
+func (s *Store) writeDevice(ctx context.Context, id string, f func(tx *sql.Tx) error) error {
+	err := s.writeTx(ctx, f)
+	s.forget(id) // also after a failure: a commit may have happened anyway
+	return err
+}
+
 // writeRollouts is write for a change to rollouts alone (their rows and
 // events): it invalidates the cached list of live rollouts, not the
 // devices' cached state.
@@ -616,7 +628,7 @@ func (s *Store) AddDevice(ctx context.Context, id string, groups []string) error
 			return err
 		}
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, id, func(tx *sql.Tx) error {
 		if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, created_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING`, id, s.now().Unix()); err != nil {
 			return err
 		}
@@ -895,7 +907,7 @@ func (s *Store) AddRelease(ctx context.Context, r Release) error {
 	if err := proto.ValidSHA256(r.SHA256); err != nil {
 		return err
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeRollouts(ctx, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `INSERT INTO releases (id, version, hw_class, security_counter, key_epoch, sha256, length, created_at)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?)`, r.ID, r.Version, r.HWClass, r.SecurityCounter, r.KeyEpoch, r.SHA256, r.Length, s.now().Unix())
 		if err != nil && strings.Contains(err.Error(), "UNIQUE") {
@@ -969,7 +981,7 @@ func (s *Store) Updates(ctx context.Context, deviceID string) ([]Update, error) 
 // Retry lets a device be offered a release again after it failed or rolled
 // it back (an operator's decision).
 func (s *Store) Retry(ctx context.Context, deviceID, releaseID string) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, deviceID, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE updates SET retired = 1 WHERE device_id = ? AND release_id = ? AND status IN ('failed', 'rolled_back')`, deviceID, releaseID)
 		if err != nil {
 			return err
@@ -1010,7 +1022,7 @@ func (s *Store) AddEnrollmentToken(ctx context.Context, hash, group string, expi
 	if uses < 1 {
 		return fmt.Errorf("a token needs at least one use")
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeTx(ctx, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `INSERT INTO enrollment_tokens (hash, grp, expires_at, uses_left, created_at) VALUES (?, ?, ?, ?, ?)`,
 			hash, group, expires.Unix(), uses, s.now().Unix())
 		return err
@@ -1023,7 +1035,7 @@ func (s *Store) EnrollWithToken(ctx context.Context, hash, deviceID string) erro
 	if err := proto.ValidID("device id", deviceID); err != nil {
 		return err
 	}
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, deviceID, func(tx *sql.Tx) error {
 		var grp string
 		var expires, uses int64
 		err := tx.QueryRowContext(ctx, `SELECT grp, expires_at, uses_left FROM enrollment_tokens WHERE hash = ?`, hash).Scan(&grp, &expires, &uses)
@@ -1064,7 +1076,7 @@ func (s *Store) RequestEnrollment(ctx context.Context, deviceID, publicKeyPEM st
 		return "", err
 	}
 	var state string
-	err := s.write(ctx, func(tx *sql.Tx) error {
+	err := s.writeDevice(ctx, deviceID, func(tx *sql.Tx) error {
 		var key string
 		err := tx.QueryRowContext(ctx, `SELECT public_key, state FROM enrollments WHERE device_id = ?`, deviceID).Scan(&key, &state)
 		switch {
@@ -1097,7 +1109,7 @@ func (s *Store) RequestEnrollment(ctx context.Context, deviceID, publicKeyPEM st
 
 // Approve lets a pending device in, in the given groups.
 func (s *Store) Approve(ctx context.Context, deviceID string, groups []string) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
+	return s.writeDevice(ctx, deviceID, func(tx *sql.Tx) error {
 		res, err := tx.ExecContext(ctx, `UPDATE enrollments SET state = 'approved' WHERE device_id = ? AND state = 'pending'`, deviceID)
 		if err != nil {
 			return err

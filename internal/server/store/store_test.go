@@ -402,4 +402,39 @@ func TestDeviceCacheKeepsNoOlderCopy(t *testing.T) {
 	if err != nil || again == nil || again.ID != up.ID || loads != 1 {
 		t.Fatalf("offer again: %+v %v after %d loads, want the same update after one load", again, err, loads)
 	}
+
+	// A release, an audit entry, a device enrolled: no other device's
+	// cached state goes. A revocation takes effect at the device's next
+	// request, and only its own entry is dropped.
+	if err := s.Active(ctx, "lock-2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddRelease(ctx, Release{ID: "lock-3.0.0", Version: "3.0.0", HWClass: "smartlock-v2", SecurityCounter: 3, SHA256: strings.Repeat("cd", 32), Length: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Audit(ctx, AuditEntry{Actor: "admin", Role: "admin", Action: "release.upload", Target: "lock-3.0.0", Status: 201}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Active(ctx, "lock-9"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("lock-9 before it exists: %v", err)
+	}
+	if err := s.AddDevice(ctx, "lock-9", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Revoke(ctx, "lock-2"); err != nil {
+		t.Fatal(err)
+	}
+	if g := s.gen.Load(); g != gen {
+		t.Errorf("a release, an audit entry, an enrollment or a revocation invalidated every device (generation %d -> %d)", gen, g)
+	}
+	loads = 0
+	if err := s.Active(ctx, "lock-2"); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("lock-2 after its revocation: %v", err)
+	}
+	if err := s.Active(ctx, "lock-9"); err != nil {
+		t.Fatalf("lock-9, added after it was looked up as unknown: %v", err)
+	}
+	if _, _, _, err := s.Offer(ctx, "lock-1", next); err != nil || loads != 2 {
+		t.Fatalf("after the revocation: %v, %d loads (want lock-2 and lock-9 only)", err, loads)
+	}
 }
