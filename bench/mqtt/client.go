@@ -424,45 +424,29 @@ func (p *clientProc) checkInUntilAnswered(d *device) {
 	ctx, cancel := context.WithDeadline(context.Background(), p.deadline)
 	defer cancel()
 	backoff := time.Second
-	if p.overMQTT {
-		p.attempts.Add(1)
-		p.viaMQTT.Add(1)
-		d.tries.Add(1)
+	for try := 0; ctx.Err() == nil; try++ {
+		overMQTT := try == 0 && p.overMQTT
 		var resp proto.CheckInResponse
-		err := p.checkInMQTT(ctx, d, &resp)
-		var be *busyError
-		switch {
-		case err == nil:
-			d.answered.Store(time.Now().UnixNano())
-			d.offered.Store(resp.Offer != nil)
-			return
-		case errors.As(err, &be):
-			p.busy.Add(1)
-			if !p.sleep(ctx, be.wait) {
+		var err error
+		if overMQTT {
+			p.attempts.Add(1)
+			p.viaMQTT.Add(1)
+			d.tries.Add(1)
+			err = p.checkInMQTT(ctx, d, &resp)
+		} else {
+			select {
+			case p.sem <- struct{}{}:
+			case <-ctx.Done():
 				return
 			}
-		case ctx.Err() != nil:
-			return
-		default:
-			p.errs.Add(1)
-			s := err.Error()
-			p.firstErr.CompareAndSwap(nil, &s)
+			for n, m := p.conns.Add(1), p.maxConns.Load(); n > m && !p.maxConns.CompareAndSwap(m, n); m = p.maxConns.Load() {
+			}
+			p.attempts.Add(1)
+			d.tries.Add(1)
+			err = p.checkIn(ctx, d, &resp)
+			p.conns.Add(-1)
+			<-p.sem
 		}
-	}
-	for ctx.Err() == nil {
-		select {
-		case p.sem <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		for n, m := p.conns.Add(1), p.maxConns.Load(); n > m && !p.maxConns.CompareAndSwap(m, n); m = p.maxConns.Load() {
-		}
-		p.attempts.Add(1)
-		d.tries.Add(1)
-		var resp proto.CheckInResponse
-		err := p.checkIn(ctx, d, &resp)
-		p.conns.Add(-1)
-		<-p.sem
 		var wait time.Duration
 		var be *busyError
 		switch {
@@ -479,7 +463,9 @@ func (p *clientProc) checkInUntilAnswered(d *device) {
 			p.errs.Add(1)
 			s := err.Error()
 			p.firstErr.CompareAndSwap(nil, &s)
-			wait, backoff = backoff, min(2*backoff, 30*time.Second)
+			if !overMQTT { // an unanswered MQTT check-in goes over HTTPS at once
+				wait, backoff = backoff, min(2*backoff, 30*time.Second)
+			}
 		}
 		p.sleep(ctx, wait)
 	}

@@ -37,87 +37,79 @@ func ask(t *testing.T, conn []string, id, payload string) proto.MQTTAnswer {
 // nothing, are answered with their status when they carry a request ID,
 // and the broker goes on: the next good check-in is answered.
 func TestCheckInsOverMQTT(t *testing.T) {
-	for _, mode := range []string{"embedded", "external"} {
-		t.Run(mode, func(t *testing.T) {
-			f := newFleet(t)
-			if mode == "embedded" {
-				f.embedded()
-			} else {
-				f.external()
-			}
-			lock1, lock3 := f.device("lock-1"), f.device("lock-3")
-			ctx := context.Background()
+	withEachBroker(t, func(t *testing.T, f *fleet, mode string) {
+		lock1, lock3 := f.device("lock-1"), f.device("lock-3")
+		ctx := context.Background()
 
-			a := ask(t, lock1, "lock-1", checkIn("q-1", `,"attributes":{"site":"north"}`))
-			var resp proto.CheckInResponse
-			if a.RequestID != "q-1" || a.Status != http.StatusOK || json.Unmarshal(a.Body, &resp) != nil {
-				t.Fatalf("answer %+v (%s)", a, a.Body)
-			}
-			if resp.Offer == nil || resp.Offer.UpdateID != f.updates["lock-1"] || resp.NextPollSeconds < 3600 {
-				t.Fatalf("check-in answered %s, want lock-1's update %s offered", a.Body, f.updates["lock-1"])
-			}
-			if d, err := f.st.GetDevice(ctx, "lock-1"); err != nil || d.Attributes["site"] != "north" {
-				t.Fatalf("the check-in was not stored: %+v %v", d, err)
-			}
+		a := ask(t, lock1, "lock-1", checkIn("q-1", `,"attributes":{"site":"north"}`))
+		var resp proto.CheckInResponse
+		if a.RequestID != "q-1" || a.Status != http.StatusOK || json.Unmarshal(a.Body, &resp) != nil {
+			t.Fatalf("answer %+v (%s)", a, a.Body)
+		}
+		if resp.Offer == nil || resp.Offer.UpdateID != f.updates["lock-1"] || resp.NextPollSeconds < 3600 {
+			t.Fatalf("check-in answered %s, want lock-1's update %s offered", a.Body, f.updates["lock-1"])
+		}
+		if d, err := f.st.GetDevice(ctx, "lock-1"); err != nil || d.Attributes["site"] != "north" {
+			t.Fatalf("the check-in was not stored: %+v %v", d, err)
+		}
 
-			// Answered with the device API's status.
-			for _, c := range []struct {
-				name, payload string
-				status        int
-			}{
-				{"unknown field", checkIn("q-2", `,"colour":"red"`), http.StatusBadRequest},
-				{"trailing data", checkIn("q-3", "") + `{}`, http.StatusBadRequest},
-				{"invalid slot", `{"request_id":"q-4","version":"1.0.0","slot":"z","hw_class":"lock"}`, http.StatusBadRequest},
-				{"invalid time zone", checkIn("q-5", `,"time_zone":"../../etc/passwd"`), http.StatusBadRequest},
-			} {
-				a := ask(t, lock1, "lock-1", c.payload)
-				var pe proto.Error
-				json.Unmarshal(a.Body, &pe)
-				if a.Status != c.status || pe.Error == "" {
-					t.Errorf("%s: answered %d %s, want %d with the reason", c.name, a.Status, a.Body, c.status)
-				}
+		// Answered with the device API's status.
+		for _, c := range []struct {
+			name, payload string
+			status        int
+		}{
+			{"unknown field", checkIn("q-2", `,"colour":"red"`), http.StatusBadRequest},
+			{"trailing data", checkIn("q-3", "") + `{}`, http.StatusBadRequest},
+			{"invalid slot", `{"request_id":"q-4","version":"1.0.0","slot":"z","hw_class":"lock"}`, http.StatusBadRequest},
+			{"invalid time zone", checkIn("q-5", `,"time_zone":"../../etc/passwd"`), http.StatusBadRequest},
+		} {
+			a := ask(t, lock1, "lock-1", c.payload)
+			var pe proto.Error
+			json.Unmarshal(a.Body, &pe)
+			if a.Status != c.status || pe.Error == "" {
+				t.Errorf("%s: answered %d %s, want %d with the reason", c.name, a.Status, a.Body, c.status)
 			}
-			// Dropped, with no request ID to answer to: counted by reason.
-			big := checkIn("q-big", `,"attributes":{"a":"`+strings.Repeat("x", 13<<10)+`"}`)
-			for _, c := range []struct{ name, payload, reason string }{
-				{"garbage", "\x00\xffnot json{", RefusedMalformed},
-				{"no request ID", checkIn("", ""), RefusedMalformed},
-				{"a request ID that is not an ID", checkIn("../x", ""), RefusedMalformed},
-				{"13 KiB (over the server's cap, under the broker's)", big, RefusedTooLarge},
-			} {
-				before := f.refusals("checkin:" + c.reason)
-				file := filepath.Join(t.TempDir(), "payload")
-				os.WriteFile(file, []byte(c.payload), 0o644)
-				if out, err := pub(t, append(lock1, "-t", CheckInTopic("lock-1"), "-q", "1", "-f", file)...); err != nil {
-					t.Errorf("%s: mosquitto_pub: %v %s", c.name, err, out)
-				}
-				waitFor(t, c.name+" refused ("+c.reason+")", func() bool { return f.refusals("checkin:"+c.reason) > before })
+		}
+		// Dropped, with no request ID to answer to: counted by reason.
+		big := checkIn("q-big", `,"attributes":{"a":"`+strings.Repeat("x", 13<<10)+`"}`)
+		for _, c := range []struct{ name, payload, reason string }{
+			{"garbage", "\x00\xffnot json{", RefusedMalformed},
+			{"no request ID", checkIn("", ""), RefusedMalformed},
+			{"a request ID that is not an ID", checkIn("../x", ""), RefusedMalformed},
+			{"13 KiB (over the server's cap, under the broker's)", big, RefusedTooLarge},
+		} {
+			before := f.refusals("checkin:" + c.reason)
+			file := filepath.Join(t.TempDir(), "payload")
+			os.WriteFile(file, []byte(c.payload), 0o644)
+			if out, err := pub(t, append(lock1, "-t", CheckInTopic("lock-1"), "-q", "1", "-f", file)...); err != nil {
+				t.Errorf("%s: mosquitto_pub: %v %s", c.name, err, out)
 			}
-			// lock-1 writing lock-2's check-in topic: the broker's ACL drops it.
-			pub(t, append(lock1, "-t", CheckInTopic("lock-2"), "-q", "1", "-m", checkIn("q-forged", `,"attributes":{"site":"forged"}`))...)
-			// A revoked device: the embedded broker refuses it at CONNECT;
-			// Mosquitto lets it publish, and the device API answers 403.
-			if err := f.st.Revoke(ctx, "lock-3"); err != nil {
-				t.Fatal(err)
+			waitFor(t, c.name+" refused ("+c.reason+")", func() bool { return f.refusals("checkin:"+c.reason) > before })
+		}
+		// lock-1 writing lock-2's check-in topic: the broker's ACL drops it.
+		pub(t, append(lock1, "-t", CheckInTopic("lock-2"), "-q", "1", "-m", checkIn("q-forged", `,"attributes":{"site":"forged"}`))...)
+		// A revoked device: the embedded broker refuses it at CONNECT;
+		// Mosquitto lets it publish, and the device API answers 403.
+		if err := f.st.Revoke(ctx, "lock-3"); err != nil {
+			t.Fatal(err)
+		}
+		if mode == "embedded" {
+			if out, err := pub(t, append(lock3, "-t", CheckInTopic("lock-3"), "-q", "1", "-m", checkIn("q-rev", ""))...); err == nil {
+				t.Errorf("a revoked device published: %s", out)
 			}
-			if mode == "embedded" {
-				if out, err := pub(t, append(lock3, "-t", CheckInTopic("lock-3"), "-q", "1", "-m", checkIn("q-rev", ""))...); err == nil {
-					t.Errorf("a revoked device published: %s", out)
-				}
-			} else if a := ask(t, lock3, "lock-3", checkIn("q-rev", "")); a.Status != http.StatusForbidden {
-				t.Errorf("a revoked device's check-in answered %d %s, want 403", a.Status, a.Body)
-			}
+		} else if a := ask(t, lock3, "lock-3", checkIn("q-rev", "")); a.Status != http.StatusForbidden {
+			t.Errorf("a revoked device's check-in answered %d %s, want 403", a.Status, a.Body)
+		}
 
-			// The broker goes on, and nothing bad was stored.
-			if a := ask(t, lock1, "lock-1", checkIn("q-6", `,"attributes":{"site":"south"}`)); a.Status != http.StatusOK {
-				t.Fatalf("after the bad input: %+v", a)
-			}
-			if d, _ := f.st.GetDevice(ctx, "lock-1"); d.Attributes["site"] != "south" || d.Slot != "a" || d.TimeZone != "" {
-				t.Errorf("lock-1 after the bad input: %+v", d)
-			}
-			if d, _ := f.st.GetDevice(ctx, "lock-2"); d.Attributes["site"] != "" {
-				t.Errorf("lock-2 took a check-in lock-1 published: %+v", d.Attributes)
-			}
-		})
-	}
+		// The broker goes on, and nothing bad was stored.
+		if a := ask(t, lock1, "lock-1", checkIn("q-6", `,"attributes":{"site":"south"}`)); a.Status != http.StatusOK {
+			t.Fatalf("after the bad input: %+v", a)
+		}
+		if d, _ := f.st.GetDevice(ctx, "lock-1"); d.Attributes["site"] != "south" || d.Slot != "a" || d.TimeZone != "" {
+			t.Errorf("lock-1 after the bad input: %+v", d)
+		}
+		if d, _ := f.st.GetDevice(ctx, "lock-2"); d.Attributes["site"] != "" {
+			t.Errorf("lock-2 took a check-in lock-1 published: %+v", d.Attributes)
+		}
+	})
 }

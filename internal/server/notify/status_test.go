@@ -244,6 +244,104 @@ func report(id, update, status string, progress float64) string {
 // device's topic, a revoked device) store nothing, are counted by reason,
 // and the broker goes on serving: the next good report is stored.
 func TestStatusReportsOverMQTT(t *testing.T) {
+	withEachBroker(t, func(t *testing.T, f *fleet, mode string) {
+		lock1, lock2, lock3 := f.device("lock-1"), f.device("lock-2"), f.device("lock-3")
+		u1, u2, u3 := f.updates["lock-1"], f.updates["lock-2"], f.updates["lock-3"]
+
+		// A good report: stored, then acknowledged (mosquitto_rr
+		// subscribes to the acknowledgements, publishes, and waits).
+		if a := request(t, lock1, "lock-1", report("r-dl-25", u1, proto.StatusDownloading, 0.25)); a.ReportID != "r-dl-25" || !a.Stored {
+			t.Fatalf("acknowledgement %+v", a)
+		}
+		if u := f.update("lock-1"); u.Status != proto.StatusDownloading || u.Progress != 0.25 {
+			t.Fatalf("after the good report the store has %s %v", u.Status, u.Progress)
+		}
+
+		// Bad payloads from lock-1, each refused by the server.
+		big := func(n int) string { // a report of more than n bytes
+			return fmt.Sprintf(`{"report_id":"r-big","update_id":%q,"status":"installing","reason":%q}`, u1, strings.Repeat("x", n))
+		}
+		for _, c := range []struct {
+			name, payload, reason string
+		}{
+			{"garbage", "\x00\xffnot json{", RefusedMalformed},
+			{"unknown field", `{"report_id":"r-x","update_id":"` + u1 + `","status":"installing","progress_pct":50}`, RefusedMalformed},
+			{"trailing data", report("r-y", u1, proto.StatusInstalling, 0) + `{}`, RefusedMalformed},
+			{"14 KiB (over the server's cap, under the broker's)", big(14 << 10), RefusedTooLarge},
+			{"invalid status", report("r-z", u1, "bricked", 0), RefusedInvalid},
+			{"progress out of range", report("r-p", u1, proto.StatusDownloading, 7), RefusedInvalid},
+			{"another device's update", report("r-u2", u2, proto.StatusCommitted, 0), RefusedUpdate},
+			{"an unknown update", report("r-u9", "upd-99", proto.StatusCommitted, 0), RefusedUpdate},
+		} {
+			before := f.refusals(c.reason)
+			file := filepath.Join(t.TempDir(), "payload")
+			os.WriteFile(file, []byte(c.payload), 0o644)
+			if out, err := pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-f", file)...); err != nil {
+				t.Errorf("%s: mosquitto_pub: %v %s", c.name, err, out)
+			}
+			waitFor(t, c.name+" refused ("+c.reason+")", func() bool { return f.refusals(c.reason) > before })
+		}
+		// Refused before the server sees it: a packet over 16 KiB (the
+		// broker ends the connection), and lock-1 writing lock-2's topic.
+		file := filepath.Join(t.TempDir(), "big")
+		os.WriteFile(file, []byte(big(20<<10)), 0o644)
+		if out, err := pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-f", file)...); err == nil {
+			t.Errorf("a 20 KiB message was accepted: %s", out)
+		}
+		pub(t, append(lock1, "-t", StatusTopic("lock-2"), "-q", "1", "-m", report("r-forged", u2, proto.StatusCommitted, 0))...)
+		// A revoked device: the embedded broker refuses it at CONNECT;
+		// Mosquitto, which does not know, lets it publish, and the
+		// server refuses the report.
+		if err := f.st.Revoke(context.Background(), "lock-3"); err != nil {
+			t.Fatal(err)
+		}
+		before := f.refusals(RefusedDevice)
+		out, err := pub(t, append(lock3, "-t", StatusTopic("lock-3"), "-q", "1", "-m", report("r-rev", u3, proto.StatusCommitted, 0))...)
+		if mode == "embedded" {
+			if err == nil {
+				t.Errorf("a revoked device published: %s", out)
+			}
+		} else {
+			waitFor(t, "the revoked device's report refused", func() bool { return f.refusals(RefusedDevice) > before })
+		}
+
+		// The broker goes on: the next good report is stored and acknowledged.
+		if a := request(t, lock1, "lock-1", report("r-inst", u1, proto.StatusInstalling, 0)); a.ReportID != "r-inst" || !a.Stored {
+			t.Fatalf("acknowledgement after the bad input %+v", a)
+		}
+		// A report refused with an ID is answered stored: false.
+		if a := request(t, lock1, "lock-1", report("r-other", u2, proto.StatusDownloading, 0.5)); a.ReportID != "r-other" || a.Stored {
+			t.Fatalf("answer to a report on another device's update: %+v", a)
+		}
+		if u := f.update("lock-1"); u.Status != proto.StatusInstalling || u.Progress != 0 {
+			t.Errorf("lock-1's update after the bad input: %s %v, want installing (and none of the bad reports)", u.Status, u.Progress)
+		}
+		for _, id := range []string{"lock-2", "lock-3"} {
+			if u := f.update(id); u.Status != store.StatusOffered {
+				t.Errorf("%s's update is %s after forged reports, want it untouched", id, u.Status)
+			}
+		}
+		// Nothing a device publishes is retained: a later subscriber to
+		// its status topic hears nothing.
+		pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-r", "-m", report("r-ret", u1, proto.StatusInstalling, 0))...)
+		later := startSub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-v", "-W", "2")...)
+		var ee *exec.ExitError
+		if err := <-later.done; !errors.As(err, &ee) || ee.ExitCode() != 27 || strings.Contains(later.out.String(), "r-ret") {
+			t.Errorf("a retained status: %v %q, want nothing retained", err, later.out.String())
+		}
+		// And notifications still reach devices.
+		n := startSub(t, append(lock2, "-t", NotifyTopic("lock-2"), "-q", "1", "-C", "1", "-W", "25")...)
+		publishUntil(t, n, "a notification", 300*time.Millisecond, func() {
+			if err := f.notify("lock-2"); err != nil {
+				t.Errorf("notify: %v", err)
+			}
+		})
+	})
+}
+
+// withEachBroker runs test on a new fleet with the embedded broker, then
+// on another with Mosquitto as the external one.
+func withEachBroker(t *testing.T, test func(t *testing.T, f *fleet, mode string)) {
 	for _, mode := range []string{"embedded", "external"} {
 		t.Run(mode, func(t *testing.T) {
 			f := newFleet(t)
@@ -252,97 +350,7 @@ func TestStatusReportsOverMQTT(t *testing.T) {
 			} else {
 				f.external()
 			}
-			lock1, lock2, lock3 := f.device("lock-1"), f.device("lock-2"), f.device("lock-3")
-			u1, u2, u3 := f.updates["lock-1"], f.updates["lock-2"], f.updates["lock-3"]
-
-			// A good report: stored, then acknowledged (mosquitto_rr
-			// subscribes to the acknowledgements, publishes, and waits).
-			if a := request(t, lock1, "lock-1", report("r-dl-25", u1, proto.StatusDownloading, 0.25)); a.ReportID != "r-dl-25" || !a.Stored {
-				t.Fatalf("acknowledgement %+v", a)
-			}
-			if u := f.update("lock-1"); u.Status != proto.StatusDownloading || u.Progress != 0.25 {
-				t.Fatalf("after the good report the store has %s %v", u.Status, u.Progress)
-			}
-
-			// Bad payloads from lock-1, each refused by the server.
-			big := func(n int) string { // a report of more than n bytes
-				return fmt.Sprintf(`{"report_id":"r-big","update_id":%q,"status":"installing","reason":%q}`, u1, strings.Repeat("x", n))
-			}
-			for _, c := range []struct {
-				name, payload, reason string
-			}{
-				{"garbage", "\x00\xffnot json{", RefusedMalformed},
-				{"unknown field", `{"report_id":"r-x","update_id":"` + u1 + `","status":"installing","progress_pct":50}`, RefusedMalformed},
-				{"trailing data", report("r-y", u1, proto.StatusInstalling, 0) + `{}`, RefusedMalformed},
-				{"14 KiB (over the server's cap, under the broker's)", big(14 << 10), RefusedTooLarge},
-				{"invalid status", report("r-z", u1, "bricked", 0), RefusedInvalid},
-				{"progress out of range", report("r-p", u1, proto.StatusDownloading, 7), RefusedInvalid},
-				{"another device's update", report("r-u2", u2, proto.StatusCommitted, 0), RefusedUpdate},
-				{"an unknown update", report("r-u9", "upd-99", proto.StatusCommitted, 0), RefusedUpdate},
-			} {
-				before := f.refusals(c.reason)
-				file := filepath.Join(t.TempDir(), "payload")
-				os.WriteFile(file, []byte(c.payload), 0o644)
-				if out, err := pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-f", file)...); err != nil {
-					t.Errorf("%s: mosquitto_pub: %v %s", c.name, err, out)
-				}
-				waitFor(t, c.name+" refused ("+c.reason+")", func() bool { return f.refusals(c.reason) > before })
-			}
-			// Refused before the server sees it: a packet over 16 KiB (the
-			// broker ends the connection), and lock-1 writing lock-2's topic.
-			file := filepath.Join(t.TempDir(), "big")
-			os.WriteFile(file, []byte(big(20<<10)), 0o644)
-			if out, err := pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-f", file)...); err == nil {
-				t.Errorf("a 20 KiB message was accepted: %s", out)
-			}
-			pub(t, append(lock1, "-t", StatusTopic("lock-2"), "-q", "1", "-m", report("r-forged", u2, proto.StatusCommitted, 0))...)
-			// A revoked device: the embedded broker refuses it at CONNECT;
-			// Mosquitto, which does not know, lets it publish, and the
-			// server refuses the report.
-			if err := f.st.Revoke(context.Background(), "lock-3"); err != nil {
-				t.Fatal(err)
-			}
-			before := f.refusals(RefusedDevice)
-			out, err := pub(t, append(lock3, "-t", StatusTopic("lock-3"), "-q", "1", "-m", report("r-rev", u3, proto.StatusCommitted, 0))...)
-			if mode == "embedded" {
-				if err == nil {
-					t.Errorf("a revoked device published: %s", out)
-				}
-			} else {
-				waitFor(t, "the revoked device's report refused", func() bool { return f.refusals(RefusedDevice) > before })
-			}
-
-			// The broker goes on: the next good report is stored and acknowledged.
-			if a := request(t, lock1, "lock-1", report("r-inst", u1, proto.StatusInstalling, 0)); a.ReportID != "r-inst" || !a.Stored {
-				t.Fatalf("acknowledgement after the bad input %+v", a)
-			}
-			// A report refused with an ID is answered stored: false.
-			if a := request(t, lock1, "lock-1", report("r-other", u2, proto.StatusDownloading, 0.5)); a.ReportID != "r-other" || a.Stored {
-				t.Fatalf("answer to a report on another device's update: %+v", a)
-			}
-			if u := f.update("lock-1"); u.Status != proto.StatusInstalling || u.Progress != 0 {
-				t.Errorf("lock-1's update after the bad input: %s %v, want installing (and none of the bad reports)", u.Status, u.Progress)
-			}
-			for _, id := range []string{"lock-2", "lock-3"} {
-				if u := f.update(id); u.Status != store.StatusOffered {
-					t.Errorf("%s's update is %s after forged reports, want it untouched", id, u.Status)
-				}
-			}
-			// Nothing a device publishes is retained: a later subscriber to
-			// its status topic hears nothing.
-			pub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-r", "-m", report("r-ret", u1, proto.StatusInstalling, 0))...)
-			later := startSub(t, append(lock1, "-t", StatusTopic("lock-1"), "-q", "1", "-v", "-W", "2")...)
-			var ee *exec.ExitError
-			if err := <-later.done; !errors.As(err, &ee) || ee.ExitCode() != 27 || strings.Contains(later.out.String(), "r-ret") {
-				t.Errorf("a retained status: %v %q, want nothing retained", err, later.out.String())
-			}
-			// And notifications still reach devices.
-			n := startSub(t, append(lock2, "-t", NotifyTopic("lock-2"), "-q", "1", "-C", "1", "-W", "25")...)
-			publishUntil(t, n, "a notification", 300*time.Millisecond, func() {
-				if err := f.notify("lock-2"); err != nil {
-					t.Errorf("notify: %v", err)
-				}
-			})
+			test(t, f, mode)
 		})
 	}
 }
