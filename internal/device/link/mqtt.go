@@ -44,9 +44,12 @@ func (l *Link) AnswerTopic() string { return "fp/dev/" + l.Bundle.DeviceID + "/a
 // check-ins that follow.
 const (
 	mqttAckTimeout      = 5 * time.Second
-	mqttAnswerTimeout   = 10 * time.Second
 	mqttReconnectSpread = 5 * time.Second
 )
+
+// mqttAnswerTimeout is how long a check-in over MQTT waits for its answer
+// before it goes over HTTPS instead (a variable for the tests).
+var mqttAnswerTimeout = 10 * time.Second
 
 // ErrMQTTDown is returned by MQTT.Report while the broker connection is
 // not up, or after a report went unacknowledged on it (the report then

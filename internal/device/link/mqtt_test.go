@@ -77,13 +77,20 @@ func (ca *testCA) issue(t *testing.T, name, cn string, usage x509.ExtKeyUsage, i
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
 }
 
-// reportSink is the HTTPS side: the reports POSTed, acknowledged.
+// reportSink is the HTTPS side: the reports POSTed, acknowledged, and the
+// check-ins, answered without an offer.
 type reportSink struct {
-	mu      sync.Mutex
-	reports []proto.Report
+	mu       sync.Mutex
+	reports  []proto.Report
+	checkIns atomic.Int64
 }
 
 func (s *reportSink) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == proto.PathCheckIn {
+		s.checkIns.Add(1)
+		json.NewEncoder(w).Encode(proto.CheckInResponse{NextPollSeconds: 3600})
+		return
+	}
 	var rep proto.Report
 	if r.URL.Path != proto.PathReports || json.NewDecoder(r.Body).Decode(&rep) != nil {
 		http.Error(w, `{"error":"bad"}`, http.StatusBadRequest)
@@ -116,7 +123,10 @@ type mqttWorld struct {
 	server paho.Client
 	answer atomic.Value // "ack", "refuse" or "silent"
 	heard  chan proto.Report
-	wakes  atomic.Int64
+	// check-ins over MQTT: answered "offer", "busy" or "silent"
+	checkInAnswer atomic.Value
+	checkInsHeard atomic.Int64
+	wakes         atomic.Int64
 }
 
 func newMQTTWorld(t *testing.T) *mqttWorld {
@@ -126,6 +136,7 @@ func newMQTTWorld(t *testing.T) *mqttWorld {
 	identity := ca.issue(t, "identity", "fieldpatch:server", x509.ExtKeyUsageClientAuth, nil)
 	w := &mqttWorld{t: t, https: &reportSink{}, heard: make(chan proto.Report, 16)}
 	w.answer.Store("ack")
+	w.checkInAnswer.Store("offer")
 	w.mosq = testenv.StartMosquitto(t, filepath.Join(ca.dir, "ca.pem"), filepath.Join(ca.dir, "server.pem"), filepath.Join(ca.dir, "server.key.pem"))
 
 	hs := httptest.NewUnstartedServer(w.https)
@@ -152,6 +163,25 @@ func newMQTTWorld(t *testing.T) *mqttWorld {
 		SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "127.0.0.1", Certificates: []tls.Certificate{identity}}).
 		SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(time.Second).
 		SetOnConnectHandler(func(c paho.Client) {
+			c.Subscribe("fp/dev/+/checkin", 1, func(c paho.Client, m paho.Message) {
+				var ci proto.MQTTCheckIn
+				if json.Unmarshal(m.Payload(), &ci) != nil || ci.Version != "1.0.0" {
+					return
+				}
+				w.checkInsHeard.Add(1)
+				a := proto.MQTTAnswer{RequestID: ci.RequestID}
+				switch w.checkInAnswer.Load() {
+				case "offer":
+					a.Status = http.StatusOK
+					a.Body, _ = json.Marshal(proto.CheckInResponse{NextPollSeconds: 3600, Offer: &proto.Offer{UpdateID: "u-7"}})
+				case "busy":
+					a.Status, a.RetryAfter = http.StatusServiceUnavailable, 7
+				default:
+					return
+				}
+				b, _ := json.Marshal(a)
+				c.Publish("fp/dev/lock-1/answer", 0, false, b)
+			}).Wait()
 			c.Subscribe("fp/dev/+/status", 1, func(c paho.Client, m paho.Message) {
 				var r proto.Report
 				json.Unmarshal(m.Payload(), &r)
@@ -303,4 +333,69 @@ func TestMQTTReportsFallBackToHTTPS(t *testing.T) {
 	if got := w.https.ids(); len(got) != 5 { // final, dl-50, dl-75, dl-100, inst
 		t.Fatalf("over HTTPS: %v", got)
 	}
+}
+
+// The check-in a notification prompts goes over MQTT and gets the
+// server's answer there; any other check-in goes over HTTPS. A 503 over
+// MQTT is the caller's to wait out; an unanswered check-in goes over HTTPS
+// after the timeout, and so does every check-in until the next connection.
+func TestMQTTCheckIns(t *testing.T) {
+	defer func(d time.Duration) { mqttAnswerTimeout = d }(mqttAnswerTimeout)
+	mqttAnswerTimeout = time.Second
+	w := newMQTTWorld(t)
+	m, err := w.link.DialMQTT(w.mosq.URL, func() { w.wakes.Add(1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	waitUntil(t, "the session", m.Connected)
+	waitUntil(t, "the device to subscribe to its answers", func() bool { return w.mosq.Subscribed("lock-1", "fp/dev/lock-1/answer") })
+	srv := WithMQTT{Server: w.link, MQTT: m}
+	ctx := context.Background()
+	c := proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}
+	notify := func() {
+		t.Helper()
+		n := w.wakes.Load()
+		w.server.Publish("fp/dev/lock-1/notify", 1, false, `{"kind":"update"}`).Wait()
+		waitUntil(t, "the notification", func() bool { return w.wakes.Load() > n })
+	}
+	check := func(what string, wantHTTPS, wantMQTT int64, wantOffer bool, wantBusy time.Duration) {
+		t.Helper()
+		https, mqtt := w.https.checkIns.Load(), w.checkInsHeard.Load()
+		resp, err := srv.CheckIn(ctx, c)
+		var busy *BusyError
+		switch {
+		case wantBusy > 0:
+			if !errors.As(err, &busy) || busy.RetryAfter != wantBusy {
+				t.Fatalf("%s: %v, want busy for %v", what, err, wantBusy)
+			}
+		case err != nil:
+			t.Fatalf("%s: %v", what, err)
+		case (resp.Offer != nil) != wantOffer || wantOffer && resp.Offer.UpdateID != "u-7":
+			t.Fatalf("%s: answered %+v", what, resp)
+		}
+		if d := w.https.checkIns.Load() - https; d != wantHTTPS {
+			t.Errorf("%s: %d check-ins over HTTPS, want %d", what, d, wantHTTPS)
+		}
+		if d := w.checkInsHeard.Load() - mqtt; d != wantMQTT {
+			t.Errorf("%s: %d check-ins over MQTT, want %d", what, d, wantMQTT)
+		}
+	}
+	check("a timed poll", 1, 0, false, 0)
+	notify()
+	check("after a notification", 0, 1, true, 0)
+	check("the next timed poll", 1, 0, false, 0)
+	w.checkInAnswer.Store("busy")
+	notify()
+	check("after a notification, the server busy", 0, 1, false, 7*time.Second)
+	w.checkInAnswer.Store("silent")
+	notify()
+	start := time.Now()
+	check("after a notification, no answer", 1, 1, false, 0)
+	if took := time.Since(start); took < mqttAnswerTimeout {
+		t.Errorf("went over HTTPS after %v, before the timeout", took)
+	}
+	w.checkInAnswer.Store("offer")
+	notify()
+	check("after an unanswered check-in, until the next connection", 1, 0, false, 0)
 }
