@@ -71,6 +71,12 @@ func main() {
 	flag.StringVar(&o.serverCPU, "server-cpu", "", "CPU list for the server (taskset -c; default: not pinned)")
 	flag.StringVar(&o.fleetCPU, "fleet-cpu", "", "CPU list for the simulated fleet, this program (default: not pinned)")
 	flag.Parse()
+	if o.maxReq > 0 && o.maxReq <= o.maxDl {
+		// A download holds its slot to the end and sends progress reports
+		// meanwhile, which need a slot of their own.
+		fmt.Fprintf(os.Stderr, "-max-requests %d: must be more than -max-downloads %d (or 0)\n", o.maxReq, o.maxDl)
+		os.Exit(2)
+	}
 	if o.fleetCPU != "" {
 		harness.PinSelf(o.fleetCPU)
 	}

@@ -75,7 +75,9 @@ type Config struct {
 	// CPU mid-handshake is closed by the server's deadline. With a bound,
 	// devices queue before they connect, and each request in flight keeps
 	// its share of the CPU. The check-in latencies measured include that
-	// queueing.
+	// queueing. A download holds its slot to the end and the device sends
+	// progress reports meanwhile: give more slots than the server lets
+	// devices download at once.
 	MaxRequests int
 	Seed        uint64
 	Log         *slog.Logger

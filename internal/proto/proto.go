@@ -156,6 +156,11 @@ type ReportAck struct {
 	Stored   bool   `json:"stored"`
 }
 
+// MaxMQTTCheckInBytes is the largest check-in payload the server takes
+// over MQTT (a check-in is a few hundred bytes; a larger one goes over
+// HTTPS, whose limit is MaxBodyBytes).
+const MaxMQTTCheckInBytes = 12 << 10
+
 // MQTTCheckIn is a check-in a device publishes on its MQTT topic
 // fp/dev/ID/checkin while its session is up: the check-in's fields as
 // over HTTPS, and an ID the answer carries back.

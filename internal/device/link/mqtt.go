@@ -47,6 +47,11 @@ const (
 	mqttReconnectSpread = 5 * time.Second
 )
 
+// mqttNotifiedFor is how soon after a notification a check-in counts as
+// the one it prompted (later, as when an update was under way, it is a
+// timed poll and goes over HTTPS).
+const mqttNotifiedFor = 30 * time.Second
+
 // mqttAnswerTimeout is how long a check-in over MQTT waits for its answer
 // before it goes over HTTPS instead (a variable for the tests).
 var mqttAnswerTimeout = 10 * time.Second
@@ -70,9 +75,10 @@ type MQTT struct {
 	// reports go straight over HTTPS.
 	silent atomic.Bool
 	conns  atomic.Int64
-	// notified is set by a notification and taken by the check-in it
-	// prompts, which goes over MQTT.
-	notified atomic.Bool
+	// notified is when the last notification came (Unix nanoseconds; 0:
+	// taken), taken by the check-in it prompts, which goes over MQTT if it
+	// follows within mqttNotifiedFor.
+	notified atomic.Int64
 
 	mu      sync.Mutex
 	waiters map[string]chan []byte // "ack:" + report ID or "answer:" + request ID -> its waiter
@@ -133,7 +139,7 @@ func (l *Link) DialMQTT(broker string, wake func()) (*MQTT, error) {
 						m.deliver("answer:"+a.RequestID, msg.Payload())
 					}
 				default:
-					m.notified.Store(true)
+					m.notified.Store(time.Now().UnixNano())
 					wake()
 				}
 			}
@@ -189,6 +195,15 @@ func (m *MQTT) Close() {
 
 // Connected says whether the session is up and subscribed.
 func (m *MQTT) Connected() bool { return m.ready.Load() && m.c.IsConnectionOpen() }
+
+// takeNotified returns when the last notification came and forgets it (0
+// if none, or m is nil).
+func (m *MQTT) takeNotified() int64 {
+	if m == nil {
+		return 0
+	}
+	return m.notified.Swap(0)
+}
 
 // deliver hands a message to whoever waits for key.
 func (m *MQTT) deliver(key string, payload []byte) {
@@ -271,6 +286,9 @@ func (m *MQTT) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResp
 	if err != nil {
 		return nil, err
 	}
+	if len(body) > proto.MaxMQTTCheckInBytes {
+		return nil, fmt.Errorf("mqtt: a check-in of %d bytes is over the %d MQTT takes", len(body), proto.MaxMQTTCheckInBytes)
+	}
 	// QoS 0: the answer is the acknowledgement (a check-in lost with its
 	// connection goes over HTTPS after the timeout).
 	b, err := m.request(ctx, m.l.CheckInTopic(), 0, "answer:"+req.RequestID, body, mqttAnswerTimeout)
@@ -335,7 +353,7 @@ type WithMQTT struct {
 // CheckIn checks in: over MQTT when a notification prompted it and the
 // session is up, otherwise (or when MQTT fails) over the link.
 func (w WithMQTT) CheckIn(ctx context.Context, c proto.CheckIn) (*proto.CheckInResponse, error) {
-	if w.MQTT != nil && w.MQTT.notified.Swap(false) {
+	if at := w.MQTT.takeNotified(); at != 0 && time.Since(time.Unix(0, at)) < mqttNotifiedFor {
 		resp, err := w.MQTT.CheckIn(ctx, c)
 		var busy *BusyError
 		if err == nil || errors.As(err, &busy) || ctx.Err() != nil {

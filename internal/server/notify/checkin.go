@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strconv"
+	"sync"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/deviceapi"
@@ -31,9 +33,8 @@ const answerQoS = 0
 const CheckInFilter = TopicPrefix + "+/checkin"
 
 // MaxCheckInBytes is the largest check-in payload the server takes over
-// MQTT (a check-in is a few hundred bytes; one with many attributes goes
-// over HTTPS, whose limit is proto.MaxBodyBytes).
-const MaxCheckInBytes = 12 << 10
+// MQTT.
+const MaxCheckInBytes = proto.MaxMQTTCheckInBytes
 
 // Check-in queue sizes. A rollout's notification makes every connected
 // device of its phase check in at once, so the queue holds a large
@@ -45,6 +46,10 @@ const (
 	checkInQueueDepth = 32 << 10
 	checkInWorkers    = 128
 	checkInRetryAfter = 5 // seconds, when the queue is full
+	// checkInMaxWait is how long a check-in may wait in the queue: past
+	// it, it is answered 503 before the device (which waits 10 s for an
+	// answer) gives up on MQTT.
+	checkInMaxWait = 8 * time.Second
 )
 
 // CheckIns answers the check-ins devices publish over MQTT with the device
@@ -72,22 +77,28 @@ type checkInQueue struct {
 	ci     *CheckIns
 	answer func(deviceID string, payload []byte)
 	q      *queue[checkInMsg]
+
+	mu      sync.Mutex
+	waiting map[string]bool // devices with a check-in queued or being answered
 }
 
 type checkInMsg struct {
 	deviceID string
 	c        proto.MQTTCheckIn
+	at       time.Time // queued
 }
 
 func newCheckInQueue(ci *CheckIns, answer func(deviceID string, payload []byte)) *checkInQueue {
-	cq := &checkInQueue{ci: ci, answer: answer}
+	cq := &checkInQueue{ci: ci, answer: answer, waiting: map[string]bool{}}
 	cq.q = newQueue(checkInQueueDepth, checkInWorkers, cq.handle)
 	return cq
 }
 
 // offer takes a payload a device published on its check-in topic. It
-// never blocks: what is malformed is answered (or, without a request ID
-// to answer to, dropped) at once, the rest is queued.
+// never blocks: what is malformed or invalid is answered (or, without a
+// request ID to answer to, dropped) at once, and so is a device's second
+// check-in while its first waits; the rest is queued, each valid check-in
+// bounded in size (proto.CheckIn.Validate), one per device.
 func (q *checkInQueue) offer(deviceID string, payload []byte) {
 	if len(payload) > MaxCheckInBytes {
 		q.refuse(deviceID, "", RefusedTooLarge, http.StatusRequestEntityTooLarge, fmt.Sprintf("check-in larger than %d bytes", MaxCheckInBytes))
@@ -108,9 +119,31 @@ func (q *checkInQueue) offer(deviceID string, payload []byte) {
 		q.refuse(deviceID, c.RequestID, RefusedMalformed, http.StatusBadRequest, "malformed JSON: "+err.Error())
 		return
 	}
-	if err := q.q.put(checkInMsg{deviceID: deviceID, c: c}); errors.Is(err, errQueueFull) {
-		q.refuse(deviceID, c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
+	if err := c.Validate(); err != nil {
+		q.refuse(deviceID, c.RequestID, RefusedInvalid, http.StatusBadRequest, err.Error())
+		return
 	}
+	q.mu.Lock()
+	busy := q.waiting[deviceID]
+	q.waiting[deviceID] = true
+	q.mu.Unlock()
+	if busy {
+		q.refuse(deviceID, c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "a check-in of this device is being answered: retry later")
+		return
+	}
+	if err := q.q.put(checkInMsg{deviceID: deviceID, c: c, at: time.Now()}); err != nil {
+		q.done(deviceID)
+		if errors.Is(err, errQueueFull) {
+			q.refuse(deviceID, c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
+		}
+	}
+}
+
+// done ends a device's turn.
+func (q *checkInQueue) done(deviceID string) {
+	q.mu.Lock()
+	delete(q.waiting, deviceID)
+	q.mu.Unlock()
 }
 
 // refuse counts and logs a check-in that did not reach the device API and
@@ -135,6 +168,11 @@ func (q *checkInQueue) refuse(deviceID, requestID, reason string, status int, ms
 // handle runs one check-in through the device API and publishes its
 // answer.
 func (q *checkInQueue) handle(m checkInMsg) {
+	defer q.done(m.deviceID)
+	if time.Since(m.at) > checkInMaxWait {
+		q.refuse(m.deviceID, m.c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
+		return
+	}
 	body, _ := json.Marshal(m.c.CheckIn)
 	ctx, cancel := context.WithTimeout(deviceapi.WithDevice(context.Background(), m.deviceID), statusTimeout)
 	defer cancel()

@@ -234,7 +234,7 @@ func (s *Store) Control(ctx context.Context, id, action, reason string) (*rollou
 		}
 		baseline, _ = json.Marshal(b)
 	}
-	err = s.write(ctx, func(tx *sql.Tx) error {
+	err = s.writeRollouts(ctx, func(tx *sql.Tx) error {
 		cas := func(q string, args ...any) error {
 			res, err := tx.ExecContext(ctx, q, args...)
 			if err != nil {

@@ -816,7 +816,7 @@ func TestConcurrentStartsAreGroupCommitted(t *testing.T) {
 	var n atomic.Int64
 	next := func() string { return fmt.Sprintf("c%d", n.Add(1)) }
 	var mu sync.Mutex
-	started := map[string]int{}
+	started := map[string]map[string]bool{} // device -> the update IDs it was offered
 	var wg sync.WaitGroup
 	errs := make(chan error, 2*len(f.ids))
 	for _, id := range f.ids {
@@ -835,7 +835,10 @@ func TestConcurrentStartsAreGroupCommitted(t *testing.T) {
 				}
 				if u != nil {
 					mu.Lock()
-					started[id]++
+					if started[id] == nil {
+						started[id] = map[string]bool{}
+					}
+					started[id][u.ID] = true
 					mu.Unlock()
 				}
 			}()
@@ -846,9 +849,9 @@ func TestConcurrentStartsAreGroupCommitted(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	for id, k := range started {
-		if k != 1 {
-			t.Errorf("%s started %d times", id, k)
+	for id, us := range started {
+		if len(us) != 1 {
+			t.Errorf("%s started %d times: %v", id, len(us), us)
 		}
 	}
 	var rows int

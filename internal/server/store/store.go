@@ -335,12 +335,11 @@ type liveUpdate struct {
 const maxCachedDevices = 200_000
 
 // deviceState answers from a cache. A committed write that may change what
-// it holds for many devices (an operator's rollout control) bumps the
-// generation and so invalidates every entry; a write about one device (a
-// revocation, an enrollment, a group change, a retry) drops that device's
-// entry, and writes that change no device's state (rollouts created,
-// started, advanced or tripped; releases, tokens, the audit log) keep
-// every entry. The device
+// it holds for many devices (write) bumps the generation and so
+// invalidates every entry; a write about one device (a revocation, an
+// enrollment, a group change, a retry) drops that device's entry, and
+// writes that change no device's state (rollouts created, controlled,
+// advanced or tripped; releases, tokens, the audit log) keep every entry. The device
 // path drops only the device's own entry (forget) when it starts an update
 // or stores a report, and refreshes its facts in place after a check-in. So
 // a change is seen at the device's next request, an idle fleet's
@@ -544,7 +543,10 @@ func migrateOne(ctx context.Context, conn *sql.Conn, i int) error {
 	return tx.Commit()
 }
 
-// write runs f in a transaction and commits it (after BeforeCommit).
+// write runs f in a transaction and commits it (after BeforeCommit), and
+// invalidates every device's cached state: for a write that changes many
+// devices' state at once (none at present: each write below says what it
+// changes).
 func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
 	err := s.writeTx(ctx, f)
 	s.gen.Add(1) // also after a failure: a commit may have happened anyway
@@ -555,8 +557,17 @@ func (s *Store) write(ctx context.Context, f func(tx *sql.Tx) error) error {
 // groups, tags, enrollment, or its updates): it drops that device's cached
 // state only, once the change is committed.
 func (s *Store) writeDevice(ctx context.Context, id string, f func(tx *sql.Tx) error) error {
-	err := s.writeTx(ctx, f)
-	s.forget(id) // also after a failure: a commit may have happened anyway
+	ran := false // f succeeded, so a commit was tried (and may have happened even if it failed)
+	err := s.writeTx(ctx, func(tx *sql.Tx) error {
+		if err := f(tx); err != nil {
+			return err
+		}
+		ran = true
+		return nil
+	})
+	if ran {
+		s.forget(id)
+	}
 	return err
 }
 
