@@ -15,7 +15,14 @@ import (
 
 // maxHandshakes bounds the TLS handshakes under way at once; further
 // connections wait in the kernel's accept queue until one finishes.
-const maxHandshakes = 256
+// maxHandshakesPerSource bounds those from one address, so that one host
+// holding connections open without shaking hands cannot take every slot
+// (a connection past it is closed at once; a device behind a busy NAT
+// tries again).
+const (
+	maxHandshakes          = 256
+	maxHandshakesPerSource = 32
+)
 
 // tlsListener is the broker's listener (a mochi listeners.Listener). It
 // accepts TCP connections, gives each ConnectTimeout to complete its TLS
@@ -40,6 +47,7 @@ type tlsListener struct {
 	tls     *tls.Config
 	timeout time.Duration
 	slots   chan struct{} // one per handshake under way
+	perSrc  int           // handshakes under way from one address, at most
 	log     *slog.Logger
 
 	ctx    context.Context // canceled by Close: handshakes under way stop
@@ -47,13 +55,15 @@ type tlsListener struct {
 	mu     sync.Mutex
 	closed bool
 	conns  map[*tls.Conn]struct{} // handed to the broker, until it is done with them
+	srcs   map[string]int         // handshakes under way by source address
 	wg     sync.WaitGroup         // handshakes under way
 }
 
 func newTLSListener(id string, raw net.Listener, tc *tls.Config, timeout time.Duration, handshakes int) *tlsListener {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &tlsListener{id: id, raw: raw, tls: tc, timeout: timeout, slots: make(chan struct{}, handshakes),
-		log: slog.New(slog.DiscardHandler), ctx: ctx, cancel: cancel, conns: map[*tls.Conn]struct{}{}}
+		perSrc: min(maxHandshakesPerSource, handshakes), log: slog.New(slog.DiscardHandler), ctx: ctx, cancel: cancel,
+		conns: map[*tls.Conn]struct{}{}, srcs: map[string]int{}}
 }
 
 func (l *tlsListener) ID() string       { return l.id }
@@ -92,24 +102,41 @@ func (l *tlsListener) Serve(establish listeners.EstablishFn) {
 			l.log.Error("mqtt: listener stopped", "error", err)
 			return
 		}
-		if !l.track() {
+		ok, full := l.track(source(c))
+		if !ok {
 			<-l.slots
 			c.Close()
+			if full {
+				continue
+			}
 			return
 		}
 		go l.handshake(c, establish)
 	}
 }
 
-// track counts a handshake under way, unless the listener is closed.
-func (l *tlsListener) track() bool {
+// track counts a handshake under way from src, unless the listener is
+// closed or src has as many as it may (full).
+func (l *tlsListener) track(src string) (ok, full bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return false
+		return false, false
 	}
+	if l.srcs[src] >= l.perSrc {
+		return false, true
+	}
+	l.srcs[src]++
 	l.wg.Add(1)
-	return true
+	return true, false
+}
+
+// source is a connection's remote address without its port.
+func source(c net.Conn) string {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return c.RemoteAddr().String()
 }
 
 func (l *tlsListener) handshake(c net.Conn, establish listeners.EstablishFn) {
@@ -130,6 +157,13 @@ func (l *tlsListener) secure(c net.Conn) (*tls.Conn, bool) {
 	ctx, cancel := context.WithDeadline(l.ctx, deadline)
 	err := tc.HandshakeContext(ctx)
 	cancel()
+	l.mu.Lock()
+	if src := source(c); l.srcs[src] <= 1 {
+		delete(l.srcs, src)
+	} else {
+		l.srcs[src]--
+	}
+	l.mu.Unlock()
 	<-l.slots
 	if err != nil {
 		tc.Close()

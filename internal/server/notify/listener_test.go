@@ -368,3 +368,42 @@ func TestBrokerClosesDevicesThatNeverConnect(t *testing.T) {
 		t.Errorf("closed after %v, before the %v timeout", took, timeout)
 	}
 }
+
+// One address cannot take every handshake slot: with 4 slots and at most
+// 2 per address, two connections from 127.0.0.1 that never shake hands
+// hold their 2, a third from there is closed at once, and a device from
+// 127.0.0.2 still connects without waiting.
+func TestListenerBoundsHandshakesPerSource(t *testing.T) {
+	const timeout = 2 * time.Second
+	w := newListenerWorld(t, timeout, 4)
+	w.ln.mu.Lock() // Serve reads it under the lock
+	w.ln.perSrc = 2
+	w.ln.mu.Unlock()
+	for range 2 {
+		raw, err := net.Dial("tcp", w.addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+	}
+	time.Sleep(50 * time.Millisecond) // accepted, their handshakes under way
+	third, err := net.Dial("tcp", w.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer third.Close()
+	if took := closedWithin(t, third, timeout); took > timeout/2 {
+		t.Errorf("the third stalled connection from one address was closed after %v, want at once", took)
+	}
+	start := time.Now()
+	d := &net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	c, err := tls.DialWithDialer(d, "tcp", w.addr(), w.clientConfig("lock-7"))
+	if err != nil {
+		t.Fatalf("a device from another address: %v", err)
+	}
+	defer c.Close()
+	w.established("lock-7")
+	if took := time.Since(start); took > timeout/2 {
+		t.Errorf("a device from another address waited %v", took)
+	}
+}
