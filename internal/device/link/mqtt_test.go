@@ -205,6 +205,19 @@ func newMQTTWorld(t *testing.T) *mqttWorld {
 	return w
 }
 
+// session dials the device's MQTT session (counting its wake-ups) and
+// waits until it is up; it ends with the test.
+func (w *mqttWorld) session() *MQTT {
+	w.t.Helper()
+	m, err := w.link.DialMQTT(w.mosq.URL, func() { w.wakes.Add(1) })
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.t.Cleanup(m.Close)
+	waitUntil(w.t, "the session", m.Connected)
+	return m
+}
+
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
@@ -223,12 +236,7 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // made, the first and each after the broker restarted. No report is lost.
 func TestMQTTReportsFallBackToHTTPS(t *testing.T) {
 	w := newMQTTWorld(t)
-	m, err := w.link.DialMQTT(w.mosq.URL, func() { w.wakes.Add(1) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	waitUntil(t, "the session", m.Connected)
+	m := w.session()
 	waitUntil(t, "the wake-up on connecting", func() bool { return w.wakes.Load() >= 1 })
 	srv := WithMQTT{Server: w.link, MQTT: m}
 	ctx := context.Background()
@@ -343,12 +351,7 @@ func TestMQTTCheckIns(t *testing.T) {
 	defer func(d time.Duration) { mqttAnswerTimeout = d }(mqttAnswerTimeout)
 	mqttAnswerTimeout = time.Second
 	w := newMQTTWorld(t)
-	m, err := w.link.DialMQTT(w.mosq.URL, func() { w.wakes.Add(1) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	waitUntil(t, "the session", m.Connected)
+	m := w.session()
 	waitUntil(t, "the device to subscribe to its answers", func() bool { return w.mosq.Subscribed("lock-1", "fp/dev/lock-1/answer") })
 	srv := WithMQTT{Server: w.link, MQTT: m}
 	ctx := context.Background()

@@ -22,11 +22,7 @@ func checkIn(requestID string, extra string) string {
 // server's answer.
 func ask(t *testing.T, conn []string, id, payload string) proto.MQTTAnswer {
 	t.Helper()
-	var a proto.MQTTAnswer
-	if out := rr(t, conn, CheckInTopic(id), AnswerTopic(id), payload); json.Unmarshal(out, &a) != nil {
-		t.Fatalf("answer %q", out)
-	}
-	return a
+	return rrJSON[proto.MQTTAnswer](t, conn, CheckInTopic(id), AnswerTopic(id), payload)
 }
 
 // Devices check in over MQTT (embedded broker, and Mosquitto as the

@@ -359,9 +359,15 @@ func withEachBroker(t *testing.T, test func(t *testing.T, f *fleet, mode string)
 // to the device's acknowledgements first, and returns the answer.
 func request(t *testing.T, conn []string, id, payload string) proto.ReportAck {
 	t.Helper()
-	var a proto.ReportAck
-	if out := rr(t, conn, StatusTopic(id), AckTopic(id), payload); json.Unmarshal(out, &a) != nil {
-		t.Fatalf("mosquitto_rr: %q", out)
+	return rrJSON[proto.ReportAck](t, conn, StatusTopic(id), AckTopic(id), payload)
+}
+
+// rrJSON is rr with the answer decoded as a T.
+func rrJSON[T any](t *testing.T, conn []string, topic, answers, payload string) T {
+	t.Helper()
+	var a T
+	if out := rr(t, conn, topic, answers, payload); json.Unmarshal(out, &a) != nil {
+		t.Fatalf("mosquitto_rr: the answer on %s is not JSON: %q", answers, out)
 	}
 	return a
 }
