@@ -192,7 +192,7 @@ func (cli *Client) Start() {
 // Connected says whether the connection to the broker is up.
 func (cli *Client) Connected() bool { return cli.cl.IsConnectionOpen() }
 
-// Notify tells devices to check in (QoS 1). While the broker is down it
+// Notify tells devices to check in (QoS 0, notifyQoS). While the broker is down it
 // returns ErrNotConnected at once: devices find their offers by polling,
 // and those connected are notified again when the broker is back (Up).
 func (cli *Client) Notify(kind string, deviceIDs ...string) error {
@@ -216,7 +216,7 @@ func (cli *Client) Notify(kind string, deviceIDs ...string) error {
 		if proto.ValidID("device", id) != nil {
 			continue
 		}
-		pending = append(pending, cli.cl.Publish(NotifyTopic(id), 1, false, payload))
+		pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
 		if len(pending) == 1000 { // well below the 65,535 packet IDs in flight
 			flush()
 		}

@@ -37,6 +37,13 @@ const TopicPrefix = "fp/dev/"
 // NotifyTopic is where the server tells a device to check in.
 func NotifyTopic(deviceID string) string { return TopicPrefix + deviceID + "/notify" }
 
+// notifyQoS is the QoS of notifications: 0. Sessions are clean, so a
+// QoS 1 message is not kept for a device that reconnects either (and the
+// agent checks in on every connection); over a live connection TCP
+// delivers both alike, and QoS 0 spares the broker an acknowledgement to
+// read and track per device.
+const notifyQoS = 0
+
 // Notice is the payload of a notification.
 type Notice struct {
 	Kind string    `json:"kind"` // "update": an update may be waiting; check in
@@ -183,7 +190,7 @@ func (b *Broker) Close() error {
 	return err
 }
 
-// Notify tells devices to check in (QoS 1: delivered to connected
+// Notify tells devices to check in (QoS 0, notifyQoS: delivered to connected
 // devices; one that is not connected learns at its next poll).
 func (b *Broker) Notify(kind string, deviceIDs ...string) error {
 	payload, _ := json.Marshal(Notice{Kind: kind, At: time.Now().UTC()})
@@ -192,7 +199,7 @@ func (b *Broker) Notify(kind string, deviceIDs ...string) error {
 		if proto.ValidID("device", id) != nil {
 			continue
 		}
-		if err := b.srv.Publish(NotifyTopic(id), payload, false, 1); err != nil {
+		if err := b.srv.Publish(NotifyTopic(id), payload, false, notifyQoS); err != nil {
 			errs = append(errs, err)
 		}
 	}
