@@ -54,24 +54,20 @@ type row struct {
 }
 
 func run(bin string, kib, runs int) error {
-	dir, err := os.MkdirTemp("", "fieldpatch-bench-coap-")
+	w, done, err := harness.NewWork("", "fieldpatch-bench-coap-", bin, false)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer done()
+	dir, cli := w.Dir, w.CLI
 	fp := filepath.Join(bin, "fieldpatch")
-	cli := harness.CLI(bin)
-	key := filepath.Join(dir, "release")
-	if _, err := cli("key", "gen", "--out", key); err != nil {
-		return err
-	}
 	addr, err := harness.FreeAddr()
 	if err != nil {
 		return err
 	}
 	data := filepath.Join(dir, "data")
 	srv := exec.Command(fp, "serve", "--listen", addr, "--data-dir", data, "--mqtt-listen", "off", "--coap-listen", "127.0.0.1:0",
-		"--image-key", key+".pub.pem", "--rollout-tick", "1s")
+		"--image-key", w.ImageKey(), "--rollout-tick", "1s")
 	out, err := srv.StdoutPipe()
 	if err != nil {
 		return err
@@ -97,13 +93,13 @@ func run(bin string, kib, runs int) error {
 	if err != nil {
 		return err
 	}
-	remote := []string{"--server", url, "--data-dir", data}
+	rcli := w.Remote(url, data)
 	payload := make([]byte, kib<<10)
 	rand.Read(payload)
 	pf := filepath.Join(dir, "payload")
 	os.WriteFile(pf, payload, 0o644)
 	img := filepath.Join(dir, "v2.img")
-	if _, err := cli("image", "build", "--payload", pf, "--version", "2.0.0", "--security-counter", "2", "--hw-class", "lock", "--key", key+".pem", "-o", img); err != nil {
+	if _, err := cli("image", "build", "--payload", pf, "--version", "2.0.0", "--security-counter", "2", "--hw-class", "lock", "--key", filepath.Join(w.Keys, "release.pem"), "-o", img); err != nil {
 		return err
 	}
 	imgBytes, _ := os.ReadFile(img)
@@ -115,7 +111,7 @@ func run(bin string, kib, runs int) error {
 		{"device", "provision", "lock-1", "--out", bundle},
 		{"rollout", "create", "lock-2.0.0", "--id", "r1", "--device", "lock-1", "--start"},
 	} {
-		if _, err := cli(append(args, remote...)...); err != nil {
+		if _, err := rcli(args...); err != nil {
 			return err
 		}
 	}

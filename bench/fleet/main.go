@@ -151,22 +151,13 @@ func runFleet(o options, n int) (*result, error) {
 	if fi, err := os.Stat(base); err != nil || !fi.IsDir() {
 		base = os.TempDir()
 	}
-	dir, err := os.MkdirTemp(base, "fieldpatch-bench-fleet-")
+	w, done, err := harness.NewWork(base, "fieldpatch-bench-fleet-", o.bin, o.keep)
 	if err != nil {
 		return nil, err
 	}
-	if o.keep {
-		fmt.Println("work directory:", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
+	dir := w.Dir
 	fp := filepath.Join(o.bin, "fieldpatch")
-	cli := harness.CLI(o.bin)
-	keys := filepath.Join(dir, "keys")
-	os.MkdirAll(keys, 0o700)
-	if _, err := cli("key", "gen", "--out", filepath.Join(keys, "release")); err != nil {
-		return nil, err
-	}
 	// The server's data on disk (its database is what a real one fsyncs),
 	// the devices' bundles in dir (tmpfs).
 	data, err := os.MkdirTemp("", "fieldpatch-bench-fleet-server-")
@@ -178,7 +169,7 @@ func runFleet(o options, n int) (*result, error) {
 	if err != nil {
 		return nil, err
 	}
-	serveArgs := []string{fp, "serve", "--listen", addr, "--mqtt-listen", "off", "--data-dir", data, "--image-key", filepath.Join(keys, "release.pub.pem"),
+	serveArgs := []string{fp, "serve", "--listen", addr, "--mqtt-listen", "off", "--data-dir", data, "--image-key", w.ImageKey(),
 		"--poll-interval", o.poll.String(), "--rollout-tick", "1s", "--time-scale", fmt.Sprint(o.speed), "--log-format", "json"}
 	if o.serverCPU != "" {
 		serveArgs = append([]string{"taskset", "-c", o.serverCPU}, serveArgs...)
@@ -195,30 +186,18 @@ func runFleet(o options, n int) (*result, error) {
 	if _, err := harness.WaitReady(url, filepath.Join(data, "pki", "ca.pem")); err != nil {
 		return nil, err
 	}
-	remote := []string{"--server", url, "--data-dir", data}
-	rcli := func(args ...string) (string, error) { return cli(append(args, remote...)...) }
-	if _, err := rcli("trust", "init", "--keys", filepath.Join(keys, "tuf")); err != nil {
-		return nil, err
-	}
+	rcli := w.Remote(url, data)
 	imgs := map[string][]byte{}
 	for _, v := range []string{"1.0.0", "1.0.1"} {
-		payload := filepath.Join(dir, "payload-"+v)
-		if _, err := cli("simulate", "payload", "--version", v, "--size", fmt.Sprint(o.imageKiB<<10), "-o", payload); err != nil {
-			return nil, err
-		}
-		img := filepath.Join(dir, v+".img")
-		if _, err := cli("image", "build", "--payload", payload, "--version", v, "--security-counter", "1", "--hw-class", "bench-lock",
-			"--key", filepath.Join(keys, "release.pem"), "-o", img); err != nil {
+		img, err := w.Image(v, o.imageKiB<<10)
+		if err != nil {
 			return nil, err
 		}
 		if imgs[v], err = os.ReadFile(img); err != nil {
 			return nil, err
 		}
 		if v == "1.0.1" {
-			if _, err := rcli("release", "upload", "--id", "lock-"+v, img); err != nil {
-				return nil, err
-			}
-			if _, err := rcli("trust", "publish", "lock-"+v, "--keys", filepath.Join(keys, "tuf")); err != nil {
+			if err := w.Publish(rcli, "lock-"+v, img); err != nil {
 				return nil, err
 			}
 		}
@@ -228,7 +207,7 @@ func runFleet(o options, n int) (*result, error) {
 		return nil, err
 	}
 	caPEM, _ := os.ReadFile(filepath.Join(data, "pki", "ca.pem"))
-	pub, err := trust.LoadPublicKey(filepath.Join(keys, "release.pub.pem"))
+	pub, err := trust.LoadPublicKey(w.ImageKey())
 	if err != nil {
 		return nil, err
 	}

@@ -302,22 +302,13 @@ func (c *client) stop() {
 func run(o options) (*result, error) {
 	fmt.Printf("== %d devices on MQTT\n", o.devices)
 	r := &result{devices: o.devices}
-	dir, err := os.MkdirTemp("", "fieldpatch-bench-mqtt-")
+	w, done, err := harness.NewWork("", "fieldpatch-bench-mqtt-", o.bin, o.keep)
 	if err != nil {
 		return nil, err
 	}
-	if o.keep {
-		fmt.Println("work directory:", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
+	defer done()
+	dir := w.Dir
 	fp := filepath.Join(o.bin, "fieldpatch")
-	cli := harness.CLI(o.bin)
-	keys := filepath.Join(dir, "keys")
-	os.MkdirAll(keys, 0o700)
-	if _, err := cli("key", "gen", "--out", filepath.Join(keys, "release")); err != nil {
-		return nil, err
-	}
 	data := filepath.Join(dir, "server")
 	if o.serverData != "" {
 		if data, err = os.MkdirTemp(o.serverData, "fieldpatch-bench-mqtt-server-"); err != nil {
@@ -338,7 +329,7 @@ func run(o options) (*result, error) {
 		return nil, err
 	}
 	srv := exec.Command(fp, "serve", "--listen", addr, "--mqtt-listen", mqttAddr, "--data-dir", data,
-		"--image-key", filepath.Join(keys, "release.pub.pem"), "--rollout-tick", "1s", "--log-format", "json")
+		"--image-key", w.ImageKey(), "--rollout-tick", "1s", "--log-format", "json")
 	if o.serverGOGC > 0 {
 		srv.Env = append(os.Environ(), fmt.Sprintf("GOGC=%d", o.serverGOGC))
 		r.fp.name = fmt.Sprintf("fieldpatch serve, GOGC=%d", o.serverGOGC)
@@ -358,24 +349,12 @@ func run(o options) (*result, error) {
 	if _, err := harness.WaitReady(url, filepath.Join(data, "pki", "ca.pem")); err != nil {
 		return nil, err
 	}
-	remote := []string{"--server", url, "--data-dir", data}
-	rcli := func(args ...string) (string, error) { return cli(append(args, remote...)...) }
-	if _, err := rcli("trust", "init", "--keys", filepath.Join(keys, "tuf")); err != nil {
+	rcli := w.Remote(url, data)
+	img, err := w.Image("1.0.1", 65536)
+	if err != nil {
 		return nil, err
 	}
-	payload := filepath.Join(dir, "payload")
-	if _, err := cli("simulate", "payload", "--version", "1.0.1", "--size", "65536", "-o", payload); err != nil {
-		return nil, err
-	}
-	img := filepath.Join(dir, "1.0.1.img")
-	if _, err := cli("image", "build", "--payload", payload, "--version", "1.0.1", "--security-counter", "1", "--hw-class", "bench-lock",
-		"--key", filepath.Join(keys, "release.pem"), "-o", img); err != nil {
-		return nil, err
-	}
-	if _, err := rcli("release", "upload", "--id", "lock-1.0.1", img); err != nil {
-		return nil, err
-	}
-	if _, err := rcli("trust", "publish", "lock-1.0.1", "--keys", filepath.Join(keys, "tuf")); err != nil {
+	if err := w.Publish(rcli, "lock-1.0.1", img); err != nil {
 		return nil, err
 	}
 	tok, err := rcli("enroll-token", "create", "--uses", fmt.Sprint(o.devices), "--ttl", "6h")

@@ -1,5 +1,6 @@
 // Package harness is what the benchmark programs share: a free loopback
-// address, waiting for a server to be ready, stopping a child gracefully.
+// address, waiting for a server to be ready, stopping a child gracefully,
+// and a work directory with a release key, images and the CLI (Work).
 package harness
 
 import (
@@ -104,4 +105,74 @@ func CLI(bin string) func(args ...string) (string, error) {
 		}
 		return string(out), nil
 	}
+}
+
+// Work is a benchmark run's work directory: a release signing key in
+// Keys, images built there, and the fieldpatch CLI.
+type Work struct {
+	Dir, Keys string
+	CLI       func(args ...string) (string, error)
+}
+
+// NewWork makes a work directory under base ("" for the system's
+// temporary directory) and a release signing key in it. done removes it,
+// unless keep is set (its path is then printed).
+func NewWork(base, prefix, bin string, keep bool) (w *Work, done func(), err error) {
+	dir, err := os.MkdirTemp(base, prefix)
+	if err != nil {
+		return nil, nil, err
+	}
+	done = func() { os.RemoveAll(dir) }
+	if keep {
+		fmt.Println("work directory:", dir)
+		done = func() {}
+	}
+	w = &Work{Dir: dir, Keys: filepath.Join(dir, "keys"), CLI: CLI(bin)}
+	if err := os.MkdirAll(w.Keys, 0o700); err != nil {
+		done()
+		return nil, nil, err
+	}
+	if _, err := w.CLI("key", "gen", "--out", filepath.Join(w.Keys, "release")); err != nil {
+		done()
+		return nil, nil, err
+	}
+	return w, done, nil
+}
+
+// ImageKey is the release key's public half, for `serve --image-key`.
+func (w *Work) ImageKey() string { return filepath.Join(w.Keys, "release.pub.pem") }
+
+// Image builds a signed image of version (hardware class bench-lock,
+// security counter 1) with a payload of size bytes, and returns its path.
+func (w *Work) Image(version string, size int) (string, error) {
+	payload := filepath.Join(w.Dir, "payload-"+version)
+	if _, err := w.CLI("simulate", "payload", "--version", version, "--size", fmt.Sprint(size), "-o", payload); err != nil {
+		return "", err
+	}
+	img := filepath.Join(w.Dir, version+".img")
+	_, err := w.CLI("image", "build", "--payload", payload, "--version", version, "--security-counter", "1", "--hw-class", "bench-lock",
+		"--key", filepath.Join(w.Keys, "release.pem"), "-o", img)
+	return img, err
+}
+
+// Remote is the CLI pointed at a running server (its URL and data
+// directory).
+func (w *Work) Remote(url, data string) func(args ...string) (string, error) {
+	return func(args ...string) (string, error) {
+		return w.CLI(append(args, "--server", url, "--data-dir", data)...)
+	}
+}
+
+// Publish sets up the server's TUF repository, uploads img as release id
+// and publishes it in the signed targets.
+func (w *Work) Publish(remote func(args ...string) (string, error), id, img string) error {
+	tuf := filepath.Join(w.Keys, "tuf")
+	if _, err := remote("trust", "init", "--keys", tuf); err != nil {
+		return err
+	}
+	if _, err := remote("release", "upload", "--id", id, img); err != nil {
+		return err
+	}
+	_, err := remote("trust", "publish", id, "--keys", tuf)
+	return err
 }
