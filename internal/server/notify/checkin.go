@@ -101,7 +101,7 @@ func newCheckInQueue(ci *CheckIns, answer func(deviceID string, payload []byte))
 // bounded in size (proto.CheckIn.Validate), one per device.
 func (q *checkInQueue) offer(deviceID string, payload []byte) {
 	if len(payload) > MaxCheckInBytes {
-		q.refuse(deviceID, "", RefusedTooLarge, http.StatusRequestEntityTooLarge, fmt.Sprintf("check-in larger than %d bytes", MaxCheckInBytes))
+		q.refuse(deviceID, "", RefusedTooLarge, 0, fmt.Sprintf("check-in larger than %d bytes", MaxCheckInBytes))
 		return
 	}
 	var c proto.MQTTCheckIn
