@@ -70,6 +70,7 @@ type reply struct {
 	Lost     int64         `json:"lost"` // MQTT connections lost so far
 	// collect: per device, Unix nanoseconds (0: never)
 	Notified []int64 `json:"notified,omitempty"`
+	Sent     []int64 `json:"sent,omitempty"` // the first check-in written to the connection
 	Answered []int64 `json:"answered,omitempty"`
 	Offered  []bool  `json:"offered,omitempty"`
 	Tries    []int32 `json:"tries,omitempty"` // check-ins sent
@@ -87,7 +88,7 @@ type device struct {
 	http *http.Client
 	mq   paho.Client
 
-	notified, answered atomic.Int64
+	notified, sent, answered atomic.Int64
 	offered            atomic.Bool
 	tries              atomic.Int32
 	answer             chan []byte // the server's answers to MQTT check-ins
@@ -147,6 +148,7 @@ func runClient() {
 			p.errs.Store(0)
 			for _, d := range p.devs {
 				d.notified.Store(0)
+				d.sent.Store(0)
 				d.answered.Store(0)
 				d.offered.Store(false)
 				d.tries.Store(0)
@@ -389,7 +391,9 @@ func (p *clientProc) checkInMQTT(ctx context.Context, d *device, resp *proto.Che
 	id := fmt.Sprintf("%s-%d", d.id, time.Now().UnixNano())
 	body, _ := json.Marshal(proto.MQTTCheckIn{RequestID: id,
 		CheckIn: proto.CheckIn{Version: p.version, Slot: "a", HWClass: p.hwClass, SecurityCounter: 1}})
-	d.mq.Publish("fp/dev/"+d.id+"/checkin", 0, false, body)
+	tok := d.mq.Publish("fp/dev/"+d.id+"/checkin", 0, false, body)
+	tok.Wait() // at QoS 0: written to the connection
+	d.sent.CompareAndSwap(0, time.Now().UnixNano())
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
 	for {
@@ -443,6 +447,7 @@ func (p *clientProc) checkInUntilAnswered(d *device) {
 			}
 			p.attempts.Add(1)
 			d.tries.Add(1)
+			d.sent.CompareAndSwap(0, time.Now().UnixNano()) // the request begins (connection and handshake after)
 			err = p.checkIn(ctx, d, &resp)
 			p.conns.Add(-1)
 			<-p.sem
@@ -503,9 +508,10 @@ func (p *clientProc) collect(req request) reply {
 	}
 	p.armed.Store(false)
 	p.wg.Wait() // the deadline ends every device's attempts
-	r := reply{Notified: make([]int64, len(p.devs)), Answered: make([]int64, len(p.devs)), Offered: make([]bool, len(p.devs)), Tries: make([]int32, len(p.devs)),
+	r := reply{Notified: make([]int64, len(p.devs)), Sent: make([]int64, len(p.devs)), Answered: make([]int64, len(p.devs)), Offered: make([]bool, len(p.devs)), Tries: make([]int32, len(p.devs)),
 		Attempts: p.attempts.Load(), ViaMQTT: p.viaMQTT.Load(), Busy: p.busy.Load(), Errors: p.errs.Load(), MaxConns: p.maxConns.Load()}
 	for i, d := range p.devs {
+		r.Sent[i] = d.sent.Load()
 		r.Notified[i], r.Answered[i], r.Offered[i], r.Tries[i] = d.notified.Load(), d.answered.Load(), d.offered.Load(), d.tries.Load()
 	}
 	if e := p.firstErr.Load(); e != nil {

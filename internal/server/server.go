@@ -352,12 +352,17 @@ func (s *Server) notifyRollouts(ctx context.Context, n notifier, every time.Dura
 			if seen[key] {
 				continue
 			}
+			began := time.Now()
 			ids, err := s.Store.CohortWaiting(ctx, r, r.Phase)
 			if err != nil {
 				s.log.Error("notify: cohort", "rollout", r.Spec.ID, "err", err)
 				continue
 			}
-			switch err := n.Notify("update", ids...); {
+			listed := time.Now()
+			err = n.Notify("update", ids...)
+			s.log.Info("notify: cohort notified", "rollout", r.Spec.ID, "phase", r.Phase, "devices", len(ids),
+				"listed_ms", listed.Sub(began).Milliseconds(), "published_ms", time.Since(listed).Milliseconds())
+			switch {
 			case errors.Is(err, notify.ErrNotConnected):
 				// Those devices poll; when the broker is back the cohort
 				// is notified again (renotify).

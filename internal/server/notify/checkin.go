@@ -80,6 +80,27 @@ type checkInQueue struct {
 
 	mu      sync.Mutex
 	waiting map[string]bool // devices with a check-in queued or being answered
+
+	// fanOut is held while notifications go out (during), and the workers
+	// wait for it before each check-in: a rollout's notification makes
+	// every device of its phase check in at once, and the first devices
+	// notified would otherwise take the CPU from the notification of the
+	// rest (bench/mqtt: 10,000 notifications went out in 0.9 s with the
+	// check-ins answered meanwhile). What the devices publish is still
+	// read and queued meanwhile.
+	fanOut sync.RWMutex
+}
+
+// during runs notify with the workers held back; on a nil queue (no
+// check-ins over MQTT) it just runs it.
+func (q *checkInQueue) during(notify func()) {
+	if q == nil {
+		notify()
+		return
+	}
+	q.fanOut.Lock()
+	defer q.fanOut.Unlock()
+	notify()
 }
 
 type checkInMsg struct {
@@ -169,6 +190,8 @@ func (q *checkInQueue) refuse(deviceID, requestID, reason string, status int, ms
 // answer.
 func (q *checkInQueue) handle(m checkInMsg) {
 	defer q.done(m.deviceID)
+	q.fanOut.RLock() // notifications first (during)
+	q.fanOut.RUnlock()
 	if time.Since(m.at) > checkInMaxWait {
 		q.refuse(m.deviceID, m.c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
 		return

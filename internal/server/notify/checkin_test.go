@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
 )
@@ -108,4 +109,55 @@ func TestCheckInsOverMQTT(t *testing.T) {
 			t.Errorf("lock-2 took a check-in lock-1 published: %+v", d.Attributes)
 		}
 	})
+}
+
+// While notifications go out (during), the workers answer no check-in:
+// one queued meanwhile reaches the device API only after the notifying is
+// done, and is then answered.
+func TestCheckInsWaitForTheNotifications(t *testing.T) {
+	reached := make(chan struct{}, 1)
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached <- struct{}{}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"poll_seconds":60}`))
+	})
+	answers := make(chan proto.MQTTAnswer, 1)
+	q := newCheckInQueue(&CheckIns{Handler: handler}, func(_ string, b []byte) {
+		var a proto.MQTTAnswer
+		if err := json.Unmarshal(b, &a); err != nil {
+			t.Errorf("answer %s: %v", b, err)
+		}
+		answers <- a
+	})
+	defer q.close()
+
+	notifying := make(chan struct{})
+	released := make(chan struct{})
+	go q.during(func() {
+		close(notifying)
+		<-released
+	})
+	<-notifying
+	q.offer("lock-1", []byte(checkIn("r1", "")))
+	select {
+	case <-reached:
+		t.Fatal("a check-in reached the device API while notifications were going out")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(released)
+	select {
+	case <-reached:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the check-in was not answered after the notifications")
+	}
+	if a := <-answers; a.RequestID != "r1" || a.Status != http.StatusOK {
+		t.Errorf("answer: %+v, want r1 answered 200", a)
+	}
+
+	var nilQueue *checkInQueue // no check-ins over MQTT: notifying just runs
+	ran := false
+	nilQueue.during(func() { ran = true })
+	if !ran {
+		t.Error("during on a nil queue did not run the notifying")
+	}
 }

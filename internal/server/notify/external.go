@@ -212,16 +212,18 @@ func (cli *Client) Notify(kind string, deviceIDs ...string) error {
 		}
 		pending = pending[:0]
 	}
-	for _, id := range deviceIDs {
-		if proto.ValidID("device", id) != nil {
-			continue
+	cli.checks.during(func() {
+		for _, id := range deviceIDs {
+			if proto.ValidID("device", id) != nil {
+				continue
+			}
+			pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
+			if len(pending) == 1000 { // well below the 65,535 packet IDs in flight
+				flush()
+			}
 		}
-		pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
-		if len(pending) == 1000 { // well below the 65,535 packet IDs in flight
-			flush()
-		}
-	}
-	flush()
+		flush()
+	})
 	return errors.Join(errs...)
 }
 
