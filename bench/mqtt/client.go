@@ -89,9 +89,9 @@ type device struct {
 	mq   paho.Client
 
 	notified, sent, answered atomic.Int64
-	offered            atomic.Bool
-	tries              atomic.Int32
-	answer             chan []byte // the server's answers to MQTT check-ins
+	offered                  atomic.Bool
+	tries                    atomic.Int32
+	answer                   chan []byte // the server's answers to MQTT check-ins
 }
 
 type clientProc struct {
