@@ -63,7 +63,8 @@ type Config struct {
 	// the real time. Certificates and TLS always use the real time.
 	Clock func() time.Time
 	// MaxConns caps the connections held at once (default
-	// DefaultMaxConns); more wait to be accepted.
+	// DefaultMaxConns); more wait to be accepted. It bounds the CoAP
+	// listener's DTLS sessions too (coapapi.Config.MaxSessions).
 	MaxConns int
 	// MQTTListen is the address of the embedded MQTT broker devices
 	// connect to for notifications and status reports (empty: no
@@ -269,8 +270,10 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	if c.CoAPListen != "" {
+		reg.Counter("fieldpatch_coap_sessions_closed_total", "DTLS sessions closed by the session bounds, by reason (full: a new session refused, every slot held; replaced: a device's oldest session, for its new one).", "reason")
 		cs, err := coapapi.Listen(c.CoAPListen, coapapi.Config{Handler: instrument(reg, "coap", devHandler), Certificate: cert,
-			ClientCAs: ca.Pool(), Log: lg,
+			ClientCAs: ca.Pool(), Log: lg, MaxSessions: c.MaxConns,
+			Closed: func(reason string) { reg.Add("fieldpatch_coap_sessions_closed_total", 1, reason) },
 			PSK: func(id string) ([]byte, error) {
 				psk, err := st.DevicePSK(context.Background(), id)
 				return []byte(psk), err

@@ -71,6 +71,12 @@ type Config struct {
 	Log *slog.Logger
 	// Idle is how long a quiet DTLS session is kept (default 2 minutes).
 	Idle time.Duration
+	// MaxSessions bounds the DTLS sessions held at once (default
+	// DefaultMaxSessions); one device holds at most SessionsPerDevice.
+	MaxSessions int
+	// Closed hears of each session closed by those bounds, with a reason
+	// (ClosedFull, ClosedReplaced).
+	Closed func(reason string)
 }
 
 // Server is a CoAP over DTLS server.
@@ -79,6 +85,7 @@ type Server struct {
 	ln   *coapnet.DTLSListener
 	addr net.Addr
 	srv  *dtlsserver.Server
+	held *sessions[*udpclient.Conn]
 	done chan struct{}
 	once sync.Once
 }
@@ -100,6 +107,12 @@ func Listen(addr string, c Config) (*Server, error) {
 	}
 	if c.Idle <= 0 {
 		c.Idle = 2 * time.Minute
+	}
+	if c.MaxSessions <= 0 {
+		c.MaxSessions = DefaultMaxSessions
+	}
+	if c.Closed == nil {
+		c.Closed = func(string) {}
 	}
 	ln, err := coapnet.NewDTLSListener("udp", addr, coapnet.NewDTLSServerOptions(
 		piondtls.WithCertificates(c.Certificate),
@@ -125,7 +138,7 @@ func Listen(addr string, c Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coap listen %s: %w", addr, err)
 	}
-	s := &Server{cfg: c, ln: ln, addr: ln.Addr(), done: make(chan struct{})}
+	s := &Server{cfg: c, ln: ln, addr: ln.Addr(), done: make(chan struct{}), held: newSessions[*udpclient.Conn](c.MaxSessions, SessionsPerDevice)}
 	s.srv = coapdtls.NewServer(
 		options.WithHandlerFunc(s.handle),
 		options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
@@ -165,7 +178,8 @@ func (s *Server) Close() error {
 }
 
 // onNewConn runs once the handshake is complete: the session's identity is
-// the PSK identity, or the device ID in the verified certificate.
+// the PSK identity, or the device ID in the verified certificate. The
+// session then counts against the bounds (sessions.go).
 func (s *Server) onNewConn(cc *udpclient.Conn) {
 	dc, ok := cc.NetConn().(*piondtls.Conn)
 	if !ok {
@@ -195,9 +209,25 @@ func (s *Server) onNewConn(cc *udpclient.Conn) {
 		cc.Close()
 		return
 	}
+	ok, old, evicted := s.held.admit(id, cc)
+	if evicted {
+		s.cfg.Log.Info("coap: a device's oldest session closed for its new one", "device", id, "remote", old.RemoteAddr())
+		s.cfg.Closed(ClosedReplaced)
+		old.Close()
+	}
+	if !ok {
+		s.cfg.Log.Warn("coap: session refused: every session slot is held", "device", id, "remote", cc.RemoteAddr(), "max", s.cfg.MaxSessions)
+		s.cfg.Closed(ClosedFull)
+		cc.Close()
+		return
+	}
+	cc.AddOnClose(func() { s.held.drop(id, cc) })
 	cc.SetContextValue(keyDevice, id)
 	cc.SetContextValue(keyPosts, &postCache{})
 }
+
+// Sessions is how many DTLS sessions the server holds.
+func (s *Server) Sessions() int { return s.held.held() }
 
 // postCache keeps the session's last long POST answer for its next blocks.
 type postCache struct {
