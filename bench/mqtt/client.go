@@ -392,7 +392,12 @@ func (p *clientProc) checkInMQTT(ctx context.Context, d *device, resp *proto.Che
 	body, _ := json.Marshal(proto.MQTTCheckIn{RequestID: id,
 		CheckIn: proto.CheckIn{Version: p.version, Slot: "a", HWClass: p.hwClass, SecurityCounter: 1}})
 	tok := d.mq.Publish("fp/dev/"+d.id+"/checkin", 0, false, body)
-	tok.Wait() // at QoS 0: written to the connection
+	switch { // at QoS 0 the token completes once the check-in is written to the connection
+	case !tok.WaitTimeout(10 * time.Second):
+		return errors.New("the check-in was not written to the MQTT connection within 10 s")
+	case tok.Error() != nil:
+		return fmt.Errorf("check-in over MQTT: %w", tok.Error())
+	}
 	d.sent.CompareAndSwap(0, time.Now().UnixNano())
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()

@@ -81,7 +81,7 @@ FIELDPATCH_DATA_DIR, then flags, each overriding the one before.`)
 	mqttListen := fs.String("mqtt-listen", "", `address of the embedded MQTT broker for device notifications (default 127.0.0.1:8883; "off" for none)`)
 	mqttBroker := fs.String("mqtt-broker", "", "an external MQTT broker to use instead of the embedded one: mqtts://HOST:PORT")
 	coapListen := fs.String("coap-listen", "", `UDP address of the device API over CoAP on DTLS, for example 0.0.0.0:5684 (default off)`)
-	maxConns := fs.Int("max-conns", 0, "connections held at once; more wait to be accepted (default 10000); with --coap-listen, the DTLS sessions held too (past it a new one is refused)")
+	maxConns := fs.Int("max-conns", 0, "connections held at once; more wait to be accepted (default 10000); with --coap-listen, the DTLS sessions held too (past it a new session is refused, unless its device holds one: that one is replaced)")
 	timeScale := fs.Float64("time-scale", 1, "run rollout scheduling (soak, windows, rate limits, silence) this many times faster than real time: for fleet simulations only")
 	if _, err := cli.ParseFlags(fs, args); err != nil {
 		return err

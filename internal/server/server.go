@@ -272,7 +272,7 @@ func New(ctx context.Context, c Config, lg *slog.Logger) (*Server, error) {
 	if c.CoAPListen != "" {
 		reg.Counter("fieldpatch_coap_sessions_closed_total", "DTLS sessions closed by the session bounds, by reason (full: a new session refused, every slot held; replaced: a device's oldest session, for its new one).", "reason")
 		cs, err := coapapi.Listen(c.CoAPListen, coapapi.Config{Handler: instrument(reg, "coap", devHandler), Certificate: cert,
-			ClientCAs: ca.Pool(), Log: lg, MaxSessions: c.MaxConns,
+			ClientCAs: ca.Pool(), Log: lg, MaxSessions: cmp.Or(c.MaxConns, DefaultMaxConns),
 			Closed: func(reason string) { reg.Add("fieldpatch_coap_sessions_closed_total", 1, reason) },
 			PSK: func(id string) ([]byte, error) {
 				psk, err := st.DevicePSK(context.Background(), id)
@@ -363,8 +363,10 @@ func (s *Server) notifyRollouts(ctx context.Context, n notifier, every time.Dura
 			}
 			listed := time.Now()
 			err = n.Notify("update", ids...)
-			s.log.Info("notify: cohort notified", "rollout", r.Spec.ID, "phase", r.Phase, "devices", len(ids),
-				"listed_ms", listed.Sub(began).Milliseconds(), "published_ms", time.Since(listed).Milliseconds())
+			if err == nil && len(ids) > 0 {
+				s.log.Info("notify: cohort notified", "rollout", r.Spec.ID, "phase", r.Phase, "devices", len(ids),
+					"listed_ms", listed.Sub(began).Milliseconds(), "published_ms", time.Since(listed).Milliseconds())
+			}
 			switch {
 			case errors.Is(err, notify.ErrNotConnected):
 				// Those devices poll; when the broker is back the cohort

@@ -144,6 +144,17 @@ func answered(cc *udpclient.Conn) bool {
 	return resp.Code() == codes.Content
 }
 
+// closedByServer says whether the server closed the session (its
+// close_notify ends the client's connection) within 2 s.
+func closedByServer(cc *udpclient.Conn) bool {
+	select {
+	case <-cc.Done():
+		return true
+	case <-time.After(2 * time.Second):
+		return false
+	}
+}
+
 // waitHeld waits until the server holds n sessions.
 func waitHeld(t *testing.T, s *Server, n int) {
 	t.Helper()
@@ -168,8 +179,8 @@ func TestDTLSSessionsAreBounded(t *testing.T) {
 		}
 		mine = append(mine, cc)
 	}
-	if answered(mine[0]) {
-		t.Error("lock-1's oldest session still answered after its fifth")
+	if !closedByServer(mine[0]) || answered(mine[0]) {
+		t.Error("lock-1's oldest session was not closed after its fifth")
 	}
 	for _, cc := range mine[1:] {
 		if !answered(cc) {
@@ -183,13 +194,13 @@ func TestDTLSSessionsAreBounded(t *testing.T) {
 	waitHeld(t, s, 5)
 
 	refused := session(t, s, "lock-3")
-	if answered(refused) {
-		t.Error("lock-3 was served with every slot held by others")
+	if !closedByServer(refused) || answered(refused) {
+		t.Error("lock-3's session was not closed with every slot held by others")
 	}
 	waitHeld(t, s, 5)
 
 	again := session(t, s, "lock-2")
-	if !answered(again) || answered(other) {
+	if !answered(again) || !closedByServer(other) {
 		t.Error("lock-2's new session with every slot held did not replace its old one")
 	}
 

@@ -81,26 +81,65 @@ type checkInQueue struct {
 	mu      sync.Mutex
 	waiting map[string]bool // devices with a check-in queued or being answered
 
-	// fanOut is held while notifications go out (during), and the workers
-	// wait for it before each check-in: a rollout's notification makes
-	// every device of its phase check in at once, and the first devices
-	// notified would otherwise take the CPU from the notification of the
-	// rest (bench/mqtt: 10,000 notifications went out in 0.9 s with the
-	// check-ins answered meanwhile). What the devices publish is still
-	// read and queued meanwhile.
-	fanOut sync.RWMutex
+	// fanOut holds the workers back while notifications go out (during).
+	fanOut fanOut
 }
 
-// during runs notify with the workers held back; on a nil queue (no
-// check-ins over MQTT) it just runs it.
+// fanOutHold is the longest a worker waits for notifications to go out
+// before it answers a check-in anyway (a notifier stuck on a stalled
+// external broker must not stop the answers). A variable for tests.
+var fanOutHold = 2 * time.Second
+
+// fanOut holds the check-in workers back while notifications go out: a
+// rollout's notification makes every device of its phase check in at
+// once, and the first devices notified would otherwise take the CPU from
+// the notification of the rest (bench/mqtt: 10,000 notifications went out
+// in 0.9 s with the check-ins answered meanwhile). What the devices
+// publish is still read and queued meanwhile.
+type fanOut struct {
+	serial sync.Mutex // one notification round at a time
+	mu     sync.Mutex
+	done   chan struct{} // closed when the round ends; nil between rounds
+}
+
+// during runs notify with the workers held back (for at most fanOutHold
+// each); on a nil queue (no check-ins over MQTT) it just runs it.
 func (q *checkInQueue) during(notify func()) {
 	if q == nil {
 		notify()
 		return
 	}
-	q.fanOut.Lock()
-	defer q.fanOut.Unlock()
+	f := &q.fanOut
+	f.serial.Lock()
+	defer f.serial.Unlock()
+	done := make(chan struct{})
+	f.mu.Lock()
+	f.done = done
+	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.done = nil
+		f.mu.Unlock()
+		close(done)
+	}()
 	notify()
+}
+
+// wait returns once no notification round is under way, or after at most
+// hold.
+func (f *fanOut) wait(hold time.Duration) {
+	f.mu.Lock()
+	done := f.done
+	f.mu.Unlock()
+	if done == nil {
+		return
+	}
+	t := time.NewTimer(hold)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+	}
 }
 
 type checkInMsg struct {
@@ -190,8 +229,7 @@ func (q *checkInQueue) refuse(deviceID, requestID, reason string, status int, ms
 // answer.
 func (q *checkInQueue) handle(m checkInMsg) {
 	defer q.done(m.deviceID)
-	q.fanOut.RLock() // notifications first (during)
-	q.fanOut.RUnlock()
+	q.fanOut.wait(fanOutHold) // notifications first (during)
 	if time.Since(m.at) > checkInMaxWait {
 		q.refuse(m.deviceID, m.c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
 		return

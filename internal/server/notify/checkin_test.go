@@ -113,7 +113,8 @@ func TestCheckInsOverMQTT(t *testing.T) {
 
 // While notifications go out (during), the workers answer no check-in:
 // one queued meanwhile reaches the device API only after the notifying is
-// done, and is then answered.
+// done, and is then answered; but a notifier that does not finish holds
+// them back for fanOutHold at most.
 func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	reached := make(chan struct{}, 1)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -152,6 +153,28 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	}
 	if a := <-answers; a.RequestID != "r1" || a.Status != http.StatusOK {
 		t.Errorf("answer: %+v, want r1 answered 200", a)
+	}
+
+	// A notifier stuck past fanOutHold (a stalled external broker) holds
+	// the answers back no longer than that.
+	defer func(h time.Duration) { fanOutHold = h }(fanOutHold)
+	fanOutHold = 300 * time.Millisecond
+	stuck := make(chan struct{})
+	defer close(stuck)
+	notifying = make(chan struct{})
+	go q.during(func() {
+		close(notifying)
+		<-stuck
+	})
+	<-notifying
+	q.offer("lock-1", []byte(checkIn("r2", "")))
+	select {
+	case <-reached:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a check-in was held back past fanOutHold by a stuck notifier")
+	}
+	if a := <-answers; a.RequestID != "r2" || a.Status != http.StatusOK {
+		t.Errorf("answer: %+v, want r2 answered 200", a)
 	}
 
 	var nilQueue *checkInQueue // no check-ins over MQTT: notifying just runs

@@ -202,30 +202,43 @@ func (cli *Client) Notify(kind string, deviceIDs ...string) error {
 	payload, _ := json.Marshal(Notice{Kind: kind, At: time.Now().UTC()})
 	var errs []error
 	var pending []paho.Token
+	// flush waits for the batch to be written, 10 s in all: a token of a
+	// publish made while the connection drops may never complete.
 	flush := func() {
+		deadline := time.Now().Add(notifyFlushWait)
+		late := 0
 		for _, t := range pending {
-			if !t.WaitTimeout(10 * time.Second) {
-				errs = append(errs, errors.New("a notification was not acknowledged by the broker in time"))
+			if !t.WaitTimeout(max(time.Until(deadline), time.Millisecond)) {
+				late++
 			} else if err := t.Error(); err != nil {
 				errs = append(errs, err)
 			}
 		}
+		if late > 0 {
+			errs = append(errs, fmt.Errorf("%d notifications not written to the broker within %v", late, notifyFlushWait))
+		}
 		pending = pending[:0]
 	}
-	cli.checks.during(func() {
-		for _, id := range deviceIDs {
-			if proto.ValidID("device", id) != nil {
-				continue
+	// A batch at a time, the check-in workers held back while it is
+	// handed to the client (not while the notifier waits on the broker).
+	for len(deviceIDs) > 0 {
+		batch := deviceIDs[:min(len(deviceIDs), 1000)] // well below the 65,535 packet IDs in flight
+		deviceIDs = deviceIDs[len(batch):]
+		cli.checks.during(func() {
+			for _, id := range batch {
+				if proto.ValidID("device", id) == nil {
+					pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
+				}
 			}
-			pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
-			if len(pending) == 1000 { // well below the 65,535 packet IDs in flight
-				flush()
-			}
-		}
+		})
 		flush()
-	})
+	}
 	return errors.Join(errs...)
 }
+
+// notifyFlushWait is how long Client.Notify waits for a batch of
+// notifications to be written to the broker.
+const notifyFlushWait = 10 * time.Second
 
 // subscribe takes what devices publish on filter (fp/dev/+/LEAF) and
 // hands it to take with the device the topic names.
