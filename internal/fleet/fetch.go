@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"time"
@@ -18,13 +19,19 @@ import (
 // the device's link into the device's file system model, resuming with a
 // Range request from the last checkpoint (what survives a power cut), and
 // is where downloads get dropped or stalled.
-type fetcher struct{ d *Device }
+type fetcher struct {
+	fs     slot.FS      // the device's file system model
+	client *http.Client // the device's link
+	stats  *Stats
+	faults func() *Faults
+	rng    *rand.Rand // the device goroutine's
+}
 
 // checkpointEvery is how often a download is made durable.
 const checkpointEvery = 256 << 10
 
 func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progress func(done, total int64)) error {
-	fsys := f.d.sim.FS()
+	fsys := f.fs
 	progPath := dst + ".progress"
 	var p agent.FetchProgress
 	if b, err := fsys.ReadFile(progPath); err == nil {
@@ -39,8 +46,8 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 	var kept []byte
 	if p.Offset > 0 {
 		b, err := fsys.ReadFile(dst)
-		if err != nil || int64(len(b)) < p.Offset {
-			p.Offset = 0
+		if err != nil || int64(len(b)) < p.Offset || limit > 0 && p.Offset > limit {
+			p.Offset = 0 // lost, or more than the signed length: start over
 		} else {
 			kept = b[:p.Offset]
 		}
@@ -53,15 +60,39 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 	if _, err := out.Write(kept); err != nil {
 		return err
 	}
-	if p.Offset > 0 {
-		f.d.f.stats.resumes.Add(1)
+	checkpoint := func() error {
+		if err := out.Sync(); err != nil {
+			return err
+		}
+		b, _ := json.Marshal(p)
+		return slot.WriteFileAtomic(fsys, progPath, b)
 	}
-	resp, err := agent.GetFrom(ctx, f.d.lnk.HTTP, url, p.Offset)
+	// As the agent's HTTPFetcher: every byte kept (the link dropped after
+	// the last one, before the end of the answer was seen) is a whole
+	// download, not a Range past the end.
+	if limit > 0 && p.Offset == limit {
+		p.Done = true
+		return checkpoint()
+	}
+	if p.Offset > 0 {
+		f.stats.resumes.Add(1)
+	}
+	resp, err := agent.GetFrom(ctx, f.client, url, p.Offset)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
 	switch {
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && p.Offset > 0:
+		if n, ok := agent.UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && n == p.Offset {
+			p.Done = true
+			return checkpoint()
+		}
+		p = agent.FetchProgress{URL: url}
+		if err := checkpoint(); err != nil {
+			return err
+		}
+		return fmt.Errorf("download %s: %s: starting over", url, resp.Status)
 	case resp.StatusCode == http.StatusPartialContent && p.Offset > 0:
 	case resp.StatusCode == http.StatusOK:
 		if p.Offset > 0 {
@@ -86,35 +117,28 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 		}
 	}
 	// Faults planned for this transfer, at a random point of what is left.
-	fl := f.d.f.faults.Load()
+	fl := f.faults()
 	dropAt, stallAt := int64(-1), int64(-1)
 	if left := total - p.Offset; left > 0 {
-		if pct(f.d.rng, fl.Drop) {
-			dropAt = p.Offset + f.d.rng.Int64N(left)
+		if pct(f.rng, fl.Drop) {
+			dropAt = p.Offset + f.rng.Int64N(left)
 		}
-		if pct(f.d.rng, fl.Stall) {
-			stallAt = p.Offset + f.d.rng.Int64N(left)
+		if pct(f.rng, fl.Stall) {
+			stallAt = p.Offset + f.rng.Int64N(left)
 		}
-	}
-	checkpoint := func() error {
-		if err := out.Sync(); err != nil {
-			return err
-		}
-		b, _ := json.Marshal(p)
-		return slot.WriteFileAtomic(fsys, progPath, b)
 	}
 	buf := make([]byte, 32<<10)
 	next := p.Offset + checkpointEvery
 	for {
 		if dropAt >= 0 && p.Offset >= dropAt {
-			f.d.f.stats.drops.Add(1)
+			f.stats.drops.Add(1)
 			resp.Body.Close() // mid-body: the connection goes
 			checkpoint()
 			return fmt.Errorf("download %s interrupted at %d bytes: connection reset (simulated link drop)", url, p.Offset)
 		}
 		if stallAt >= 0 && p.Offset >= stallAt {
 			stallAt = -1
-			f.d.f.stats.stalls.Add(1)
+			f.stats.stalls.Add(1)
 			if err := sleep(ctx, fl.StallFor); err != nil {
 				return err
 			}
@@ -128,7 +152,7 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 				return err
 			}
 			p.Offset += int64(n)
-			f.d.f.stats.received.Add(int64(n))
+			f.stats.received.Add(int64(n))
 			if progress != nil {
 				progress(p.Offset, total)
 			}
@@ -152,4 +176,11 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 	}
 	p.Done = true
 	return checkpoint()
+}
+
+// noLink is the transport of a device that has no link (not enrolled).
+type noLink struct{}
+
+func (noLink) RoundTrip(*http.Request) (*http.Response, error) {
+	return nil, errors.New("the device has no link to the server")
 }

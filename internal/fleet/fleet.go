@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -449,7 +450,11 @@ func (d *Device) onCut(area string) {
 // file system over its link, offers checked against signed TUF metadata,
 // outcomes reported by the daemon, waits compressed.
 func (d *Device) online(r *agent.Runner) {
-	r.Fetcher = &fetcher{d: d}
+	fx := &fetcher{fs: d.sim.FS(), stats: &d.f.stats, faults: d.f.faults.Load, rng: d.rng, client: &http.Client{Transport: noLink{}}}
+	if d.lnk != nil {
+		fx.client = d.lnk.HTTP
+	}
+	r.Fetcher = fx
 	r.Sleep = d.sleep
 	r.Reporter = agent.ReporterFunc(func(context.Context, agent.Outcome) error { return agent.ErrReportLater })
 	if len(d.f.cfg.TimeZones) > 0 {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -126,12 +127,40 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	if err := out.Truncate(p.Offset); err != nil {
 		return err
 	}
+	// The link dropped after the last byte was made durable but before
+	// the end of the answer was seen: with the length known (signed
+	// metadata), nothing is left to ask for (a Range from the end would be
+	// refused, 416). More than that length: start over.
+	if limit > 0 && p.Offset >= limit && p.Offset > 0 {
+		if p.Offset == limit {
+			return f.finish(out, progPath, p)
+		}
+		p.Offset = 0
+		if err := out.Truncate(0); err != nil {
+			return err
+		}
+	}
 	resp, err := GetFrom(ctx, f.client(), url, p.Offset)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
 	switch {
+	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && p.Offset > 0:
+		// Asked from past the end: the bytes are all here when the server
+		// says the resource is as long as what was kept ("bytes */N");
+		// otherwise what was kept does not belong, and the next attempt
+		// starts over.
+		if n, ok := UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && n == p.Offset && n <= maxSize {
+			return f.finish(out, progPath, p)
+		}
+		if err := out.Truncate(0); err != nil {
+			return err
+		}
+		if err := writeProgress(progPath, FetchProgress{URL: url}); err != nil {
+			return err
+		}
+		return fmt.Errorf("download %s: %s from byte %d: starting over", url, resp.Status, p.Offset)
 	case resp.StatusCode == http.StatusPartialContent && p.Offset > 0:
 	case resp.StatusCode == http.StatusOK:
 		if p.Offset > 0 {
@@ -188,9 +217,25 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	if total >= 0 && p.Offset != total {
 		return fmt.Errorf("download %s: got %d of %d bytes", url, p.Offset, total)
 	}
+	return f.finish(out, progPath, p)
+}
+
+// finish makes a whole download durable and records it done.
+func (f *HTTPFetcher) finish(out *os.File, progPath string, p FetchProgress) error {
 	if err := out.Sync(); err != nil {
 		return err
 	}
 	p.Done = true
 	return writeProgress(progPath, p)
+}
+
+// UnsatisfiedLength reads the length from a 416 answer's Content-Range,
+// "bytes */N" (RFC 9110 14.4).
+func UnsatisfiedLength(cr string) (int64, bool) {
+	v, ok := strings.CutPrefix(cr, "bytes */")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	return n, err == nil && n >= 0
 }

@@ -84,3 +84,80 @@ func TestFetchRefusesEndlessData(t *testing.T) {
 		t.Fatalf("download past the signed length: %v", err)
 	}
 }
+
+// A link that drops after the last byte, before the end of the answer is
+// seen, leaves every byte durable: the next attempt finishes the download
+// instead of asking for a range past the end (416) again and again. With
+// the length signed (limit), it asks for nothing; without, the server's
+// 416 "bytes */N" says the file is whole. A 416 naming another length
+// means what was kept does not belong: the attempt after starts over.
+func TestFetchFinishesWhenTheLinkDropsAtTheEnd(t *testing.T) {
+	content := bytes.Repeat([]byte("fieldpatch"), 50_000) // 500,000 bytes
+	var calls atomic.Int32
+	var serve atomic.Value // []byte, the resource now
+	serve.Store(content)
+	var dropNext atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		b := serve.Load().([]byte)
+		if dropNext.CompareAndSwap(true, false) {
+			// Every byte, chunked, then the connection drops before the
+			// last chunk: the client reads all of it and then an error.
+			w.WriteHeader(http.StatusOK)
+			w.Write(b)
+			w.(http.Flusher).Flush()
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.Close()
+			return
+		}
+		http.ServeContent(w, r, "fw.img", time.Time{}, bytes.NewReader(b))
+	}))
+	defer srv.Close()
+	f := &HTTPFetcher{CheckpointEvery: 64 << 10}
+	fetchCut := func(dst string, limit int64) {
+		t.Helper()
+		dropNext.Store(true)
+		if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, limit, nil); err == nil || !strings.Contains(err.Error(), "interrupted at 500000 bytes") {
+			t.Fatalf("the cut fetch: %v", err)
+		}
+	}
+	whole := func(dst string) {
+		t.Helper()
+		if got, _ := os.ReadFile(dst); !bytes.Equal(got, serve.Load().([]byte)) {
+			t.Fatalf("%s: %d bytes, not the %d served", dst, len(got), len(serve.Load().([]byte)))
+		}
+	}
+
+	// No length known: the server's 416 says the file is whole.
+	dst := filepath.Join(t.TempDir(), "staging.img")
+	fetchCut(dst, 0)
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil); err != nil {
+		t.Fatalf("after the cut, without a signed length: %v", err)
+	}
+	whole(dst)
+
+	// The length signed: no request at all.
+	dst = filepath.Join(t.TempDir(), "staging.img")
+	fetchCut(dst, int64(len(content)))
+	before := calls.Load()
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, int64(len(content)), nil); err != nil {
+		t.Fatalf("after the cut, with the signed length: %v", err)
+	}
+	if n := calls.Load() - before; n != 0 {
+		t.Errorf("%d requests to finish a download whose every byte was kept", n)
+	}
+	whole(dst)
+
+	// The resource is shorter than what was kept: 416 "bytes */250000",
+	// then the next attempt starts over.
+	dst = filepath.Join(t.TempDir(), "staging.img")
+	fetchCut(dst, 0)
+	serve.Store(content[:250_000])
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil); err == nil || !strings.Contains(err.Error(), "starting over") {
+		t.Fatalf("a 416 for another length: %v", err)
+	}
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, 0, nil); err != nil {
+		t.Fatalf("the attempt after the 416: %v", err)
+	}
+	whole(dst)
+}
