@@ -132,13 +132,25 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	})
 	defer q.close()
 
-	notifying := make(chan struct{})
+	// notify starts a notification round that lasts until release is
+	// closed, and returns once it is under way.
+	notify := func(release chan struct{}) {
+		under := make(chan struct{})
+		go q.during(func() {
+			close(under)
+			<-release
+		})
+		<-under
+	}
+	answered := func(id string) {
+		t.Helper()
+		if a := <-answers; a.RequestID != id || a.Status != http.StatusOK {
+			t.Errorf("answer: %+v, want %s answered 200", a, id)
+		}
+	}
+
 	released := make(chan struct{})
-	go q.during(func() {
-		close(notifying)
-		<-released
-	})
-	<-notifying
+	notify(released)
 	q.offer("lock-1", []byte(checkIn("r1", "")))
 	select {
 	case <-reached:
@@ -151,9 +163,7 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the check-in was not answered after the notifications")
 	}
-	if a := <-answers; a.RequestID != "r1" || a.Status != http.StatusOK {
-		t.Errorf("answer: %+v, want r1 answered 200", a)
-	}
+	answered("r1")
 
 	// A notifier stuck past fanOutHold (a stalled external broker) holds
 	// the answers back no longer than that.
@@ -161,21 +171,14 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	fanOutHold = 300 * time.Millisecond
 	stuck := make(chan struct{})
 	defer close(stuck)
-	notifying = make(chan struct{})
-	go q.during(func() {
-		close(notifying)
-		<-stuck
-	})
-	<-notifying
+	notify(stuck)
 	q.offer("lock-1", []byte(checkIn("r2", "")))
 	select {
 	case <-reached:
 	case <-time.After(10 * time.Second):
 		t.Fatal("a check-in was held back past fanOutHold by a stuck notifier")
 	}
-	if a := <-answers; a.RequestID != "r2" || a.Status != http.StatusOK {
-		t.Errorf("answer: %+v, want r2 answered 200", a)
-	}
+	answered("r2")
 
 	var nilQueue *checkInQueue // no check-ins over MQTT: notifying just runs
 	ran := false
