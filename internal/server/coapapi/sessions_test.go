@@ -95,9 +95,9 @@ func testServerWith(t *testing.T, c Config) (*Server, *closedLog) {
 			w.Header().Set("Content-Type", "text/plain")
 			w.Write([]byte("ok"))
 		}),
-		Certificate:      tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key},
-		ClientCAs:        pool,
-		PSK:              func(id string) ([]byte, error) { return []byte("key-" + id), nil },
+		Certificate: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key},
+		ClientCAs:   pool,
+		PSK:         func(id string) ([]byte, error) { return []byte("key-" + id), nil },
 		MaxSessions:      c.MaxSessions,
 		MaxHandshakes:    c.MaxHandshakes,
 		HandshakeTimeout: c.HandshakeTimeout,
