@@ -74,11 +74,6 @@ type Config struct {
 	// MaxSessions bounds the DTLS sessions held at once (default
 	// DefaultMaxSessions); one device holds at most SessionsPerDevice.
 	MaxSessions int
-	// MaxHandshakes bounds the DTLS handshakes under way at once
-	// (default DefaultMaxHandshakes); HandshakeTimeout ends each
-	// (default 20 s).
-	MaxHandshakes    int
-	HandshakeTimeout time.Duration
 	// Closed hears of each session closed by those bounds, with a reason
 	// (ClosedFull, ClosedReplaced).
 	Closed func(reason string)
@@ -87,7 +82,7 @@ type Config struct {
 // Server is a CoAP over DTLS server.
 type Server struct {
 	cfg  Config
-	ln   *boundedListener
+	ln   *coapnet.DTLSListener
 	addr net.Addr
 	srv  *dtlsserver.Server
 	held *sessions[*udpclient.Conn]
@@ -116,12 +111,6 @@ func Listen(addr string, c Config) (*Server, error) {
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = DefaultMaxSessions
 	}
-	if c.MaxHandshakes <= 0 {
-		c.MaxHandshakes = DefaultMaxHandshakes
-	}
-	if c.HandshakeTimeout <= 0 {
-		c.HandshakeTimeout = 20 * time.Second
-	}
 	if c.Closed == nil {
 		c.Closed = func(string) {}
 	}
@@ -149,13 +138,13 @@ func Listen(addr string, c Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coap listen %s: %w", addr, err)
 	}
-	s := &Server{cfg: c, ln: newBoundedListener(ln, c.MaxHandshakes), addr: ln.Addr(), done: make(chan struct{}), held: newSessions[*udpclient.Conn](c.MaxSessions, SessionsPerDevice)}
+	s := &Server{cfg: c, ln: ln, addr: ln.Addr(), done: make(chan struct{}), held: newSessions[*udpclient.Conn](c.MaxSessions, SessionsPerDevice)}
 	s.srv = coapdtls.NewServer(
 		options.WithHandlerFunc(s.handle),
 		options.WithBlockwise(false, blockwise.SZX1024, time.Minute),
 		options.WithOnNewConn(s.onNewConn),
 		options.WithInactivityMonitor(c.Idle, func(cc *udpclient.Conn) { cc.Close() }),
-		options.WithDTLSHandshakeTimeout(c.HandshakeTimeout),
+		options.WithDTLSHandshakeTimeout(20*time.Second),
 		options.WithMaxMessageSize(BlockSize+256),
 		options.WithErrors(func(err error) { c.Log.Debug("coap", "err", err) }),
 	)
@@ -192,11 +181,7 @@ func (s *Server) Close() error {
 // the PSK identity, or the device ID in the verified certificate. The
 // session then counts against the bounds (sessions.go).
 func (s *Server) onNewConn(cc *udpclient.Conn) {
-	nc := cc.NetConn()
-	if u, ok := nc.(interface{ Unwrap() net.Conn }); ok {
-		nc = u.Unwrap()
-	}
-	dc, ok := nc.(*piondtls.Conn)
+	dc, ok := cc.NetConn().(*piondtls.Conn)
 	if !ok {
 		cc.Close()
 		return

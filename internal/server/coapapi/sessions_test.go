@@ -8,13 +8,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"errors"
 	"math/big"
-	"net"
 	"net/http"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -69,11 +66,6 @@ func TestSessionBounds(t *testing.T) {
 // testServer is a CoAP server over DTLS on loopback whose device API
 // answers every request 200 "ok", taking the PSK "key-ID" for each device.
 func testServer(t *testing.T, maxSessions int) (*Server, *closedLog) {
-	return testServerWith(t, Config{MaxSessions: maxSessions})
-}
-
-// testServerWith is testServer with c's bounds.
-func testServerWith(t *testing.T, c Config) (*Server, *closedLog) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -98,10 +90,8 @@ func testServerWith(t *testing.T, c Config) (*Server, *closedLog) {
 		Certificate: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key},
 		ClientCAs:   pool,
 		PSK:         func(id string) ([]byte, error) { return []byte("key-" + id), nil },
-		MaxSessions:      c.MaxSessions,
-		MaxHandshakes:    c.MaxHandshakes,
-		HandshakeTimeout: c.HandshakeTimeout,
-		Closed:           log.add,
+		MaxSessions: maxSessions,
+		Closed:      log.add,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -131,33 +121,15 @@ func (l *closedLog) get() []string {
 // session opens a DTLS session of device id with its pre-shared key.
 func session(t *testing.T, s *Server, id string) *udpclient.Conn {
 	t.Helper()
-	cc, err := coapdtls.Dial(s.Addr().String(), pskOptions(id))
+	cc, err := coapdtls.Dial(s.Addr().String(), coapdtls.NewDTLSClientOptions(
+		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte("key-" + id), nil }),
+		piondtls.WithPSKIdentityHint([]byte(id)),
+		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256)))
 	if err != nil {
 		t.Fatalf("session of %s: %v", id, err)
 	}
 	t.Cleanup(func() { cc.Close() })
 	return cc
-}
-
-// firstWriteOnly sends its first datagram and drops the rest.
-type firstWriteOnly struct {
-	net.PacketConn
-	sent atomic.Bool
-}
-
-func (c *firstWriteOnly) WriteTo(b []byte, addr net.Addr) (int, error) {
-	if c.sent.Swap(true) {
-		return len(b), nil
-	}
-	return c.PacketConn.WriteTo(b, addr)
-}
-
-// pskOptions are a client's DTLS options with device id's pre-shared key.
-func pskOptions(id string) coapdtls.DTLSClientOptions {
-	return coapdtls.NewDTLSClientOptions(
-		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte("key-" + id), nil }),
-		piondtls.WithPSKIdentityHint([]byte(id)),
-		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256))
 }
 
 // answered says whether a GET on the session is answered 2.05 within 2 s.
@@ -240,71 +212,5 @@ func TestDTLSSessionsAreBounded(t *testing.T) {
 	want := []string{ClosedReplaced, ClosedFull, ClosedReplaced}
 	if got := log.get(); !slices.Equal(got, want) {
 		t.Errorf("closes reported: %v, want %v", got, want)
-	}
-}
-
-// The handshakes under way are bounded (here one, timing out after 1.5 s):
-// while a client that stalls mid-handshake holds the slot, another
-// device's handshake does not complete; once the stalled one times out,
-// it does, and its session is served.
-func TestDTLSHandshakesAreBounded(t *testing.T) {
-	s, _ := testServerWith(t, Config{MaxHandshakes: 1, HandshakeTimeout: 1500 * time.Millisecond})
-	// A client that sends its ClientHello and nothing more: the server
-	// answers with its cookie and waits for the ClientHello that carries it.
-	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer udp.Close()
-	stalled, err := piondtls.ClientWithOptions(&firstWriteOnly{PacketConn: udp}, s.Addr(),
-		piondtls.WithPSK(func([]byte) ([]byte, error) { return []byte("key-lock-9"), nil }),
-		piondtls.WithPSKIdentityHint([]byte("lock-9")),
-		piondtls.WithCipherSuites(piondtls.TLS_PSK_WITH_AES_128_GCM_SHA256))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stalled.Close()
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		stalled.HandshakeContext(ctx)
-	}()
-	for deadline := time.Now().Add(5 * time.Second); s.ln.handshaking.Load() == 0; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the stalled handshake never took the slot")
-		}
-	}
-
-	began := time.Now()
-	type result struct {
-		took time.Duration
-		err  error
-	}
-	served := make(chan result, 1)
-	go func() {
-		cc, err := coapdtls.Dial(s.Addr().String(), pskOptions("lock-1"))
-		switch {
-		case err != nil:
-		case !answered(cc):
-			err = errors.New("the session was not answered")
-			cc.Close()
-		default:
-			cc.Close()
-		}
-		served <- result{time.Since(began), err}
-	}()
-	select {
-	case r := <-served:
-		t.Fatalf("a handshake ended while the only slot was held: after %v, %v", r.took, r.err)
-	case <-time.After(700 * time.Millisecond):
-	}
-	select {
-	case r := <-served:
-		if r.err != nil {
-			t.Fatalf("the session begun while the slot was held: %v", r.err)
-		}
-		t.Logf("served %v after it began (the stalled handshake times out at 1.5 s)", r.took.Round(time.Millisecond))
-	case <-time.After(15 * time.Second):
-		t.Fatal("no session once the stalled handshake timed out")
 	}
 }
