@@ -124,6 +124,11 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 		return err
 	}
 	defer out.Close()
+	if fi, err := out.Stat(); err != nil {
+		return err
+	} else if fi.Size() < p.Offset { // the file lost what the checkpoint says it kept
+		p.Offset = 0
+	}
 	if err := out.Truncate(p.Offset); err != nil {
 		return err
 	}
@@ -147,11 +152,12 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && p.Offset > 0:
-		// Asked from past the end: the bytes are all here when the server
-		// says the resource is as long as what was kept ("bytes */N");
-		// otherwise what was kept does not belong, and the next attempt
-		// starts over.
-		if n, ok := UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && n == p.Offset && n <= maxSize {
+		// Asked from past the end: without a signed length, the bytes are
+		// all here when the server says the resource is as long as what
+		// was kept ("bytes */N"); otherwise (with a signed length, a
+		// resource shorter than it) what was kept does not belong, and the
+		// next attempt starts over.
+		if n, ok := UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && limit <= 0 && n == p.Offset && n <= maxSize {
 			return f.finish(out, progPath, p)
 		}
 		if err := out.Truncate(0); err != nil {

@@ -148,6 +148,27 @@ func TestFetchFinishesWhenTheLinkDropsAtTheEnd(t *testing.T) {
 	}
 	whole(dst)
 
+	// The server serves fewer bytes than the signed length: what was kept
+	// is not the signed image, and the next attempt starts over rather
+	// than finish it (verification would refuse it for good).
+	dst = filepath.Join(t.TempDir(), "staging.img")
+	fetchCut(dst, int64(len(content))+100)
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, int64(len(content))+100, nil); err == nil || !strings.Contains(err.Error(), "starting over") {
+		t.Fatalf("a 416 short of the signed length: %v", err)
+	}
+
+	// The staging file lost bytes the checkpoint says it kept: the
+	// download starts over instead of padding it with zeros.
+	dst = filepath.Join(t.TempDir(), "staging.img")
+	fetchCut(dst, 0)
+	if err := os.Truncate(dst, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Fetch(context.Background(), srv.URL+"/fw.img", dst, int64(len(content)), nil); err != nil {
+		t.Fatalf("after the staging file lost bytes: %v", err)
+	}
+	whole(dst)
+
 	// The resource is shorter than what was kept: 416 "bytes */250000",
 	// then the next attempt starts over.
 	dst = filepath.Join(t.TempDir(), "staging.img")
