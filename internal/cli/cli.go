@@ -74,6 +74,11 @@ func Code(err error) int {
 // lone "--" ends flag parsing.
 func Parse(fs *flag.FlagSet, args []string) ([]string, error) {
 	fs.SetOutput(io.Discard)
+	// The flag package prints the usage page itself on --help; here the
+	// caller decides (ParseFlags prints it, once).
+	usage := fs.Usage
+	fs.Usage = func() {}
+	defer func() { fs.Usage = usage }()
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {

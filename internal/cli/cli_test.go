@@ -1,10 +1,12 @@
 package cli
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -22,6 +24,24 @@ func TestParseInterspersed(t *testing.T) {
 	}
 	if _, err := Parse(flag.NewFlagSet("y", flag.ContinueOnError), []string{"--nope"}); Code(err) != ExitUsage {
 		t.Errorf("unknown flag: code %d (%v)", Code(err), err)
+	}
+}
+
+// --help prints the usage page once, and says so with flag.ErrHelp.
+func TestHelpPrintedOnce(t *testing.T) {
+	for _, help := range []string{"--help", "-h"} {
+		var out bytes.Buffer
+		fs := NewFlags(&out, "fieldpatch", "thing", "[--n N]", "Does a thing.")
+		fs.Int("n", 1, "how many")
+		if _, err := ParseFlags(fs, []string{"x", help}); !errors.Is(err, flag.ErrHelp) {
+			t.Fatalf("%s: %v", help, err)
+		}
+		if n := strings.Count(out.String(), "Usage: fieldpatch thing"); n != 1 {
+			t.Errorf("%s: the usage page printed %d times:\n%s", help, n, out.String())
+		}
+		if !strings.Contains(out.String(), "how many") {
+			t.Errorf("%s: no flags on the page:\n%s", help, out.String())
+		}
 	}
 }
 
