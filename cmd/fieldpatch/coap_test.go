@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -276,8 +277,9 @@ func uint32Bytes(v uint32) []byte {
 }
 
 // The agent's link over CoAP: a download resumed at an offset inside a
-// block, at a block boundary or at the very end gets exactly the rest of
-// the image (206 with Content-Range; empty at the end); a
+// block or at a block boundary gets exactly the rest of the image (206
+// with Content-Range), one from the very end or past it a 416, as over
+// HTTPS; a
 // renewal, whose answer spans several blocks, is fetched block by block
 // with the POST repeated, and the next session presents the new
 // certificate; after the device is revoked, its open session is refused
@@ -296,10 +298,8 @@ func TestCoAPLink(t *testing.T) {
 			t.Fatal(err)
 		}
 		n := int64(len(img)) // a whole number of blocks (newCoAPFixture)
-		// Block boundaries (the block before is asked for and skipped) and
-		// the very end, one too (an empty 206: every byte kept, nothing
-		// asked past it).
-		for _, from := range []int64{0, 5000, 1024 * 7, n - 1024, n - 10, n} {
+		// Block boundaries (the block before is asked for and skipped).
+		for _, from := range []int64{0, 5000, 1024 * 7, n - 1024, n - 10} {
 			resp, err := agent.GetFrom(ctx, l.HTTP, l.URL(f.offer.URL), from)
 			if err != nil {
 				t.Fatal(err)
@@ -312,6 +312,18 @@ func TestCoAPLink(t *testing.T) {
 			}
 			if err != nil || resp.StatusCode != wantStatus || !bytes.Equal(got, img[from:]) || resp.ContentLength != int64(len(img))-from {
 				t.Fatalf("%s from %d: %v %s, %d bytes (length %d), match %v", auth, from, err, resp.Status, len(got), resp.ContentLength, bytes.Equal(got, img[from:]))
+			}
+		}
+		// From the very end (a block boundary) or past it: 416, with the
+		// length when the server's answer gives it, as over HTTPS.
+		for from, cr := range map[int64]string{n: fmt.Sprintf("bytes */%d", n), n + 1: "", n + 1024: "", n + 5000: ""} {
+			resp, err := agent.GetFrom(ctx, l.HTTP, l.URL(f.offer.URL), from)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusRequestedRangeNotSatisfiable || resp.Header.Get("Content-Range") != cr {
+				t.Errorf("%s from %d: %s, Content-Range %q; want 416 with %q", auth, from, resp.Status, resp.Header.Get("Content-Range"), cr)
 			}
 		}
 		if _, err := l.CheckIn(ctx, proto.CheckIn{Version: "1.0.0", Slot: "a", HWClass: "lock"}); err != nil {

@@ -73,6 +73,13 @@ func TestFetchAfterADropAtTheEnd(t *testing.T) {
 	}
 	done(fs, content)
 
+	// A signed length longer than what the server has: what was kept is
+	// not the signed image, and the download starts over.
+	f, _ = newFetcher()
+	if err := f.Fetch(context.Background(), url, dst, int64(len(content))+100, nil); err == nil || !strings.Contains(err.Error(), "starting over") {
+		t.Fatalf("a 416 short of the signed length: %v", err)
+	}
+
 	f, fs = newFetcher()
 	serve.Store(content[:100_000])
 	if err := f.Fetch(context.Background(), url, dst, 0, nil); err == nil || !strings.Contains(err.Error(), "starting over") {

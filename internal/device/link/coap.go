@@ -326,13 +326,18 @@ func (t *coapTransport) get(ctx context.Context, req *http.Request) (*http.Respo
 	if err != nil {
 		return nil, err
 	}
+	if r.code == codes.BadOption && num > 0 {
+		// A block past the end (the client asks for no other bad
+		// option): the range cannot be met, as HTTPS says it.
+		return t.unsatisfiable(req, r, -1), nil
+	}
 	if !success(r.code) {
 		return t.response(req, r, io.NopCloser(bytes.NewReader(r.payload)), int64(len(r.payload)), ""), nil
 	}
 	if !r.block {
 		// The whole resource in one answer.
-		if from > int64(len(r.payload)) {
-			from = int64(len(r.payload))
+		if from > 0 && from >= int64(len(r.payload)) {
+			return t.unsatisfiable(req, r, int64(len(r.payload))), nil
 		}
 		p := r.payload[from:]
 		return t.response(req, r, io.NopCloser(bytes.NewReader(p)), int64(len(p)), rangeOf(from, r.payload, from > 0)), nil
@@ -341,6 +346,15 @@ func (t *coapTransport) get(ctx context.Context, req *http.Request) (*http.Respo
 		return nil, fmt.Errorf("coap GET %s: asked for block %d of %d bytes, got block %d of %d", path, num, coapBlock, r.num, r.size)
 	}
 	skip := from - num*coapBlock
+	end := r.total // the resource's length: Size2, or where its last block ends
+	if end < 0 && !r.more {
+		end = num*coapBlock + int64(len(r.payload))
+	}
+	if from > 0 && end >= 0 && from >= end {
+		// From the end or past it: 416 with the length, as over HTTPS
+		// (a download whose every byte was kept learns it is whole).
+		return t.unsatisfiable(req, r, end), nil
+	}
 	if skip > int64(len(r.payload)) {
 		return nil, fmt.Errorf("coap GET %s: offset %d is past the end", path, from)
 	}
@@ -354,6 +368,19 @@ func (t *coapTransport) get(ctx context.Context, req *http.Request) (*http.Respo
 		}
 	}
 	return t.response(req, r, br, length, cr), nil
+}
+
+// unsatisfiable is HTTP's 416 for a range that starts at or past the
+// resource's end: with Content-Range "bytes */TOTAL" when the total is
+// known (total >= 0).
+func (t *coapTransport) unsatisfiable(req *http.Request, r *reply, total int64) *http.Response {
+	resp := t.response(req, r, http.NoBody, 0, "")
+	resp.StatusCode = http.StatusRequestedRangeNotSatisfiable
+	resp.Status = fmt.Sprintf("%d %s (CoAP %v)", resp.StatusCode, http.StatusText(resp.StatusCode), r.code)
+	if total >= 0 {
+		resp.Header.Set("Content-Range", fmt.Sprintf("bytes */%d", total))
+	}
+	return resp
 }
 
 func rangeOf(from int64, whole []byte, ranged bool) string {
