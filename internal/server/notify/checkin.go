@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/fieldpatch/fieldpatch/internal/proto"
@@ -81,7 +82,7 @@ type checkInQueue struct {
 	mu      sync.Mutex
 	waiting map[string]bool // devices with a check-in queued or being answered
 
-	// fanOut holds the workers back while notifications go out (during).
+	// fanOut holds the workers back while notifications go out (notifyEach).
 	fanOut fanOut
 }
 
@@ -97,47 +98,48 @@ var fanOutHold = 2 * time.Second
 // in 0.9 s with the check-ins answered meanwhile). What the devices
 // publish is still read and queued meanwhile.
 type fanOut struct {
-	serial sync.Mutex // one notification round at a time
-	mu     sync.Mutex
-	done   chan struct{} // closed when the round ends; nil between rounds
+	serial sync.Mutex                    // one notification round at a time
+	done   atomic.Pointer[chan struct{}] // closed when the round ends; nil between rounds
 }
 
-// during runs notify with the workers held back (for at most fanOutHold
-// each); on a nil queue (no check-ins over MQTT) it just runs it.
-func (q *checkInQueue) during(notify func()) {
+// notifyEach publishes to each valid device ID in ids with the workers
+// held back (for at most fanOutHold each); on a nil queue (no check-ins
+// over MQTT) it just publishes. Both brokers' Notify go through it.
+func (q *checkInQueue) notifyEach(ids []string, publish func(deviceID string)) {
+	each := func() {
+		for _, id := range ids {
+			if proto.ValidID("device", id) == nil {
+				publish(id)
+			}
+		}
+	}
 	if q == nil {
-		notify()
+		each()
 		return
 	}
 	f := &q.fanOut
 	f.serial.Lock()
 	defer f.serial.Unlock()
 	done := make(chan struct{})
-	f.mu.Lock()
-	f.done = done
-	f.mu.Unlock()
+	f.done.Store(&done)
 	defer func() {
-		f.mu.Lock()
-		f.done = nil
-		f.mu.Unlock()
+		f.done.Store(nil)
 		close(done)
 	}()
-	notify()
+	each()
 }
 
 // wait returns once no notification round is under way, or after at most
 // hold.
 func (f *fanOut) wait(hold time.Duration) {
-	f.mu.Lock()
-	done := f.done
-	f.mu.Unlock()
+	done := f.done.Load()
 	if done == nil {
 		return
 	}
 	t := time.NewTimer(hold)
 	defer t.Stop()
 	select {
-	case <-done:
+	case <-*done:
 	case <-t.C:
 	}
 }
@@ -229,7 +231,7 @@ func (q *checkInQueue) refuse(deviceID, requestID, reason string, status int, ms
 // answer.
 func (q *checkInQueue) handle(m checkInMsg) {
 	defer q.done(m.deviceID)
-	q.fanOut.wait(fanOutHold) // notifications first (during)
+	q.fanOut.wait(fanOutHold) // notifications first (notifyEach)
 	if time.Since(m.at) > checkInMaxWait {
 		q.refuse(m.deviceID, m.c.RequestID, RefusedBusy, http.StatusServiceUnavailable, "server busy: retry later")
 		return

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -111,10 +112,11 @@ func TestCheckInsOverMQTT(t *testing.T) {
 	})
 }
 
-// While notifications go out (during), the workers answer no check-in:
-// one queued meanwhile reaches the device API only after the notifying is
-// done, and is then answered; but a notifier that does not finish holds
-// them back for fanOutHold at most.
+// While notifications go out (notifyEach), the workers answer no
+// check-in: one queued meanwhile reaches the device API only after the
+// notifying is done, and is then answered; but a notifier that does not
+// finish holds them back for fanOutHold at most. Invalid device IDs are
+// not published to.
 func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	reached := make(chan struct{}, 1)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -132,11 +134,11 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	})
 	defer q.close()
 
-	// notify starts a notification round that lasts until release is
-	// closed, and returns once it is under way.
+	// notify starts a notification round whose first publish lasts until
+	// release is closed, and returns once it is under way.
 	notify := func(release chan struct{}) {
 		under := make(chan struct{})
-		go q.during(func() {
+		go q.notifyEach([]string{"lock-7"}, func(string) {
 			close(under)
 			<-release
 		})
@@ -170,7 +172,6 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	defer func(h time.Duration) { fanOutHold = h }(fanOutHold)
 	fanOutHold = 300 * time.Millisecond
 	stuck := make(chan struct{})
-	defer close(stuck)
 	notify(stuck)
 	q.offer("lock-1", []byte(checkIn("r2", "")))
 	select {
@@ -179,11 +180,13 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 		t.Fatal("a check-in was held back past fanOutHold by a stuck notifier")
 	}
 	answered("r2")
+	close(stuck) // the round ends: the next one may begin
 
-	var nilQueue *checkInQueue // no check-ins over MQTT: notifying just runs
-	ran := false
-	nilQueue.during(func() { ran = true })
-	if !ran {
-		t.Error("during on a nil queue did not run the notifying")
+	for _, q := range []*checkInQueue{q, nil} { // nil: no check-ins over MQTT, notifying just runs
+		var got []string
+		q.notifyEach([]string{"lock-1", "a/b", "", "lock-#", "lock-2"}, func(id string) { got = append(got, id) })
+		if !slices.Equal(got, []string{"lock-1", "lock-2"}) {
+			t.Errorf("notified %q, want the valid IDs lock-1 and lock-2", got)
+		}
 	}
 }

@@ -18,7 +18,6 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/fieldpatch/fieldpatch/internal/proto"
 	"github.com/fieldpatch/fieldpatch/internal/server/pki"
 )
 
@@ -224,12 +223,8 @@ func (cli *Client) Notify(kind string, deviceIDs ...string) error {
 	for len(deviceIDs) > 0 {
 		batch := deviceIDs[:min(len(deviceIDs), 1000)] // well below the 65,535 packet IDs in flight
 		deviceIDs = deviceIDs[len(batch):]
-		cli.checks.during(func() {
-			for _, id := range batch {
-				if proto.ValidID("device", id) == nil {
-					pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
-				}
-			}
+		cli.checks.notifyEach(batch, func(id string) {
+			pending = append(pending, cli.cl.Publish(NotifyTopic(id), notifyQoS, false, payload))
 		})
 		flush()
 	}

@@ -195,14 +195,9 @@ func (b *Broker) Close() error {
 func (b *Broker) Notify(kind string, deviceIDs ...string) error {
 	payload, _ := json.Marshal(Notice{Kind: kind, At: time.Now().UTC()})
 	var errs []error
-	b.checks.during(func() {
-		for _, id := range deviceIDs {
-			if proto.ValidID("device", id) != nil {
-				continue
-			}
-			if err := b.srv.Publish(NotifyTopic(id), payload, false, notifyQoS); err != nil {
-				errs = append(errs, err)
-			}
+	b.checks.notifyEach(deviceIDs, func(id string) {
+		if err := b.srv.Publish(NotifyTopic(id), payload, false, notifyQoS); err != nil {
+			errs = append(errs, err)
 		}
 	})
 	return errors.Join(errs...)
