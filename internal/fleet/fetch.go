@@ -84,7 +84,7 @@ func (f *fetcher) Fetch(ctx context.Context, url, dst string, limit int64, progr
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && p.Offset > 0:
-		if n, ok := agent.UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && limit <= 0 && n == p.Offset {
+		if agent.KeptWhole(resp, p.Offset, limit) {
 			p.Done = true
 			return checkpoint()
 		}

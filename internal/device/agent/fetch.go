@@ -124,26 +124,21 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 		return err
 	}
 	defer out.Close()
-	if fi, err := out.Stat(); err != nil {
+	fi, err := out.Stat()
+	if err != nil {
 		return err
-	} else if fi.Size() < p.Offset { // the file lost what the checkpoint says it kept
-		p.Offset = 0
+	}
+	if fi.Size() < p.Offset || limit > 0 && p.Offset > limit {
+		p.Offset = 0 // lost what the checkpoint says was kept, or more than the signed length: start over
 	}
 	if err := out.Truncate(p.Offset); err != nil {
 		return err
 	}
-	// The link dropped after the last byte was made durable but before
-	// the end of the answer was seen: with the length known (signed
-	// metadata), nothing is left to ask for (a Range from the end would be
-	// refused, 416). More than that length: start over.
-	if limit > 0 && p.Offset >= limit && p.Offset > 0 {
-		if p.Offset == limit {
-			return f.finish(out, progPath, p)
-		}
-		p.Offset = 0
-		if err := out.Truncate(0); err != nil {
-			return err
-		}
+	if limit > 0 && p.Offset == limit {
+		// Every byte kept: the link dropped after the last one, before
+		// the end of the answer was seen. Nothing is left to ask for (a
+		// Range from the end would be refused, 416).
+		return f.finish(out, progPath, p)
 	}
 	resp, err := GetFrom(ctx, f.client(), url, p.Offset)
 	if err != nil {
@@ -152,12 +147,7 @@ func (f *HTTPFetcher) Fetch(ctx context.Context, url, dst string, limit int64, p
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode == http.StatusRequestedRangeNotSatisfiable && p.Offset > 0:
-		// Asked from past the end: without a signed length, the bytes are
-		// all here when the server says the resource is as long as what
-		// was kept ("bytes */N"); otherwise (with a signed length, a
-		// resource shorter than it) what was kept does not belong, and the
-		// next attempt starts over.
-		if n, ok := UnsatisfiedLength(resp.Header.Get("Content-Range")); ok && limit <= 0 && n == p.Offset && n <= maxSize {
+		if KeptWhole(resp, p.Offset, limit) {
 			return f.finish(out, progPath, p)
 		}
 		if err := out.Truncate(0); err != nil {
@@ -235,13 +225,18 @@ func (f *HTTPFetcher) finish(out *os.File, progPath string, p FetchProgress) err
 	return writeProgress(progPath, p)
 }
 
-// UnsatisfiedLength reads the length from a 416 answer's Content-Range,
-// "bytes */N" (RFC 9110 14.4).
-func UnsatisfiedLength(cr string) (int64, bool) {
-	v, ok := strings.CutPrefix(cr, "bytes */")
-	if !ok {
-		return 0, false
+// KeptWhole says what a 416 answer to a download resumed from byte kept
+// means: true when every byte is already there, which only the server
+// can say, without a signed length (limit <= 0), by naming the resource's
+// length as kept ("bytes */N", RFC 9110 14.4). Otherwise (with a signed
+// length, whose every byte kept is finished before asking, or another
+// length, or none) what was kept does not belong, and the download must
+// start over.
+func KeptWhole(resp *http.Response, kept, limit int64) bool {
+	v, ok := strings.CutPrefix(resp.Header.Get("Content-Range"), "bytes */")
+	if !ok || limit > 0 {
+		return false
 	}
 	n, err := strconv.ParseInt(v, 10, 64)
-	return n, err == nil && n >= 0
+	return err == nil && n == kept
 }
