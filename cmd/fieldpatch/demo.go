@@ -42,8 +42,8 @@ check fails after boot, caught by the canary phase (the gate trips, the
 rollout pauses on its own, the canaries roll back by themselves); a good
 1.0.2 rolled out in phases 1% -> 10% -> 50% -> 100% while power cuts, link
 drops and stalls, offline devices, slow links and misbehaving devices (none
-in the canary) are injected. At the end every device is powered on through the boot selector
-and counted, and a report is printed (faults by kind, the patched share
+in the canary) are injected. At the end every device is powered on through
+the boot selector and counted, and a report is printed (faults by kind, the patched share
 over time as a chart, bricked devices, rollbacks, bytes sent, time to 94%),
 with the chart also written as SVG.
 
