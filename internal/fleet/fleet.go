@@ -94,11 +94,6 @@ type Faults struct {
 	Offline   float64 // of devices: the link is down for a while
 	Slow      float64 // of devices: a bandwidth cap
 	Misbehave float64 // of devices: new firmware fails its first health check
-	// WellBehaved, if set, names devices never drawn to misbehave (the
-	// share is drawn among the others): a rollout's canary, say, when
-	// the story is that a few misbehaving devices do not stop a good
-	// release (a canary of two stops for one).
-	WellBehaved func(deviceID string) bool
 
 	// SlowRate is the slow links' cap in bytes per second (default 64 KiB/s,
 	// well above the TUF client's slow-retrieval floor of 1 KiB/s).
@@ -355,19 +350,7 @@ func (f *Fleet) SetFaults(fl Faults) {
 	}
 	rng := rand.New(rand.NewPCG(f.cfg.Seed^0x5eed, uint64(time.Now().UnixNano())))
 	now := time.Now()
-	slow, offline := share(rng, len(f.devs), fl.Slow), share(rng, len(f.devs), fl.Offline)
-	misbehave := make([]bool, len(f.devs))
-	var eligible []int
-	for i, d := range f.devs {
-		if fl.WellBehaved == nil || !fl.WellBehaved(d.ID) {
-			eligible = append(eligible, i)
-		}
-	}
-	// the fleet's share, among the eligible devices
-	drawn := share(rng, len(eligible), min(100, fl.Misbehave*float64(len(f.devs))/float64(max(len(eligible), 1))))
-	for j, i := range eligible {
-		misbehave[i] = drawn[j]
-	}
+	slow, offline, misbehave := share(rng, len(f.devs), fl.Slow), share(rng, len(f.devs), fl.Offline), share(rng, len(f.devs), fl.Misbehave)
 	for i, d := range f.devs {
 		d.slow.Store(slow[i])
 		if offline[i] {

@@ -2,7 +2,6 @@ package fleet
 
 import (
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -82,32 +81,6 @@ func TestShareIsExact(t *testing.T) {
 			if !slices.Contains(c.want, got) {
 				t.Fatalf("share(%d, %.0f%%) marked %d, want one of %v", c.n, c.p, got, c.want)
 			}
-		}
-	}
-}
-
-// Devices SetFaults is told are well-behaved never misbehave, and the
-// fleet's share is still drawn, among the others.
-func TestWellBehavedDevicesNeverMisbehave(t *testing.T) {
-	f := &Fleet{cfg: Config{Speed: 1}}
-	for i := range 200 {
-		f.devs = append(f.devs, &Device{ID: fmt.Sprintf("lock-%05d", i)})
-	}
-	canary := func(id string) bool { return id < "lock-00150" } // 150 of 200
-	for range 20 {
-		f.SetFaults(Faults{Misbehave: 1, WellBehaved: canary})
-		n := 0
-		for _, d := range f.devs {
-			if d.misbehave.Load() {
-				n++
-				if canary(d.ID) {
-					t.Fatalf("%s misbehaves though well-behaved", d.ID)
-				}
-			}
-			d.misbehave.Store(false)
-		}
-		if n != 2 {
-			t.Fatalf("%d devices misbehave, want 1%% of 200: 2", n)
 		}
 	}
 }
