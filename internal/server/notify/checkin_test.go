@@ -173,7 +173,7 @@ func TestCheckInsWaitForTheNotifications(t *testing.T) {
 	fanOutHold = 300 * time.Millisecond
 	stuck := make(chan struct{})
 	notify(stuck)
-	q.offer("lock-1", []byte(checkIn("r2", "")))
+	q.offer("lock-2", []byte(checkIn("r2", ""))) // another device: lock-1's turn may not have ended yet
 	select {
 	case <-reached:
 	case <-time.After(10 * time.Second):
